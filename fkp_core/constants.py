@@ -1,0 +1,67 @@
+"""The iBUG-68 keypoint layout: the one place its numbers live.
+
+Left and right are the subject's, as in the iBUG annotation guide: the subject's right eye
+(points 36-41) appears on the image's left in a frontal photo.
+"""
+
+from __future__ import annotations
+
+NUM_KEYPOINTS = 68
+
+# Half-open index ranges of the facial regions, in iBUG-68 order.
+REGIONS: dict[str, range] = {
+    "jaw": range(0, 17),
+    "brows": range(17, 27),
+    "nose": range(27, 36),
+    "eyes": range(36, 48),
+    "mouth": range(48, 68),
+}
+RIGHT_BROW = range(17, 22)
+LEFT_BROW = range(22, 27)
+NOSE_BRIDGE = range(27, 31)
+NOSE_BOTTOM = range(31, 36)
+RIGHT_EYE = range(36, 42)
+LEFT_EYE = range(42, 48)
+OUTER_LIPS = range(48, 60)
+INNER_LIPS = range(60, 68)
+
+# Landmarks other modules reason about by name.
+RIGHT_EYE_OUTER = 36
+LEFT_EYE_OUTER = 45
+NOSE_TIP = 30
+CHIN = 8
+MOUTH_RIGHT = 48
+MOUTH_LEFT = 54
+
+# Point i of a mirrored face is point FLIP_PERMUTATION[i] of the original.
+_FLIP_PAIRS: tuple[tuple[int, int], ...] = (
+    *((i, 16 - i) for i in range(8)),            # jaw
+    *((17 + i, 26 - i) for i in range(5)),       # brows
+    (31, 35), (32, 34),                          # nose bottom
+    (36, 45), (37, 44), (38, 43), (39, 42), (40, 47), (41, 46),  # eyes
+    (48, 54), (49, 53), (50, 52), (55, 59), (56, 58),            # outer lips
+    (60, 64), (61, 63), (65, 67),                                # inner lips
+)
+
+
+def _flip_permutation() -> tuple[int, ...]:
+    perm = list(range(NUM_KEYPOINTS))
+    for a, b in _FLIP_PAIRS:
+        perm[a], perm[b] = b, a
+    return tuple(perm)
+
+
+FLIP_PERMUTATION: tuple[int, ...] = _flip_permutation()
+
+# Polylines that draw a face: (indices, closed).
+CONTOURS: tuple[tuple[range, bool], ...] = (
+    (REGIONS["jaw"], False),
+    (RIGHT_BROW, False),
+    (LEFT_BROW, False),
+    (NOSE_BRIDGE, False),
+    (NOSE_BOTTOM, False),
+    (RIGHT_EYE, True),
+    (LEFT_EYE, True),
+    (OUTER_LIPS, True),
+    (INNER_LIPS, True),
+)

@@ -1,0 +1,119 @@
+"""Images -> faces with 68 keypoints in image pixels: detector, face crop, one batched CNN pass.
+
+All face crops of one or many images go through the network together; each prediction is
+mapped back through the inverse of the crop that produced it. With ``refine`` > 0 the face is
+cropped again around its predicted keypoints (the framing the model was trained on) and
+predicted once more, which removes most of the error a detector's loose box adds.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fkp_core.constants import NUM_KEYPOINTS
+from fkp_core.detector import FaceDetector, HaarDetector
+from fkp_core.model import KeypointNet
+from fkp_core.transforms import box_from_keypoints, crop_face, to_gray, uncrop_keypoints
+from fkp_core.weights import LoadedModel, load_model
+
+
+@dataclass
+class Faces:
+    """The faces of one image: boxes (N, 4) int32 and keypoints (N, 68, 2) float32, N may be 0."""
+
+    boxes: np.ndarray
+    keypoints: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    @staticmethod
+    def empty() -> Faces:
+        return Faces(np.zeros((0, 4), np.int32), np.zeros((0, NUM_KEYPOINTS, 2), np.float32))
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks CUDA when present."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Landmarker:
+    """Predict 68 keypoints for every face in images (the bundled model and Haar by default)."""
+
+    def __init__(
+        self,
+        model: KeypointNet | LoadedModel | str | os.PathLike | None = None,
+        detector: FaceDetector | None = None,
+        device: str | torch.device = "cpu",
+        refine: int = 1,
+        batch_size: int = 256,
+    ):
+        self.device = resolve_device(device)
+        if isinstance(model, LoadedModel):
+            model = model.model
+        elif model is None or isinstance(model, (str, os.PathLike, Path)):
+            model = load_model(model).model
+        self.model = model.to(self.device).eval()
+        self.size = self.model.config.input_size
+        self.margin = self.model.config.crop_margin
+        self.detector = detector if detector is not None else HaarDetector()
+        self.refine = refine
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def predict_crops(self, crops: np.ndarray) -> np.ndarray:
+        """(N, S, S) gray crops (uint8 or float in [0, 1]) -> (N, 68, 2) keypoints in [-1, 1]."""
+        if len(crops) == 0:
+            return np.zeros((0, NUM_KEYPOINTS, 2), np.float32)
+        arr = np.asarray(crops)
+        scale = 1.0 / 255.0 if arr.dtype == np.uint8 else 1.0
+        out = []
+        for start in range(0, len(arr), self.batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(arr[start : start + self.batch_size], dtype=np.float32))
+            x = (x * scale).unsqueeze(1).to(self.device, non_blocking=True)
+            out.append(self.model(x).float().cpu().numpy())
+        return np.concatenate(out)
+
+    def keypoints_in_boxes(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Keypoints (Ni, 68, 2) in image pixels for the given boxes of each image, one CNN batch for all."""
+        grays = [to_gray(np.asarray(im)) for im in images]
+        boxes = [np.asarray(b, dtype=np.float64).reshape(-1, 4) for b in boxes]
+        result = self._predict(grays, boxes)
+        for _ in range(self.refine):
+            result = self._predict(grays, [box_from_keypoints(k) if len(k) else b for k, b in zip(result, boxes)])
+        return result
+
+    def _predict(self, grays: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray]:
+        crops, matrices, owner = [], [], []
+        for i, (gray, bxs) in enumerate(zip(grays, boxes)):
+            for box in bxs:
+                crop, m = crop_face(gray, box, self.size, self.margin)
+                crops.append(crop)
+                matrices.append(m)
+                owner.append(i)
+        normalized = self.predict_crops(np.stack(crops) if crops else np.zeros((0, self.size, self.size), np.uint8))
+        result = [np.zeros((0, NUM_KEYPOINTS, 2), np.float32) for _ in grays]
+        per_image: list[list[np.ndarray]] = [[] for _ in grays]
+        for owner_i, kp, m in zip(owner, normalized, matrices):
+            per_image[owner_i].append(uncrop_keypoints(kp, m, self.size))
+        for i, kps in enumerate(per_image):
+            if kps:
+                result[i] = np.stack(kps).astype(np.float32)
+        return result
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[Faces]:
+        """Detect and landmark every face of each image."""
+        boxes = [self.detector.detect(im) for im in images]
+        keypoints = self.keypoints_in_boxes(images, boxes)
+        return [Faces(b.astype(np.int32).reshape(-1, 4), k) for b, k in zip(boxes, keypoints)]
+
+    def __call__(self, image: np.ndarray) -> Faces:
+        return self.detect([image])[0]

@@ -1,0 +1,187 @@
+"""The keypoint CNN: a small residual network that regresses 68 (x, y) pairs from a gray face crop.
+
+Plain 3x3 convolutions (fast on CPU through oneDNN, where depthwise layers are not), a strided
+stem, residual stages that halve the resolution, and a fully connected head over the last
+feature map, which keeps where on the face each feature was (global pooling would throw that
+away). Sized by :class:`ModelConfig`; ``MODEL_PRESETS`` names the configurations we train.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from fkp_core.constants import NUM_KEYPOINTS
+from fkp_core.transforms import CROP_MARGIN
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and the input it expects (crop size and margin, pixel normalisation)."""
+
+    input_size: int = 96
+    crop_margin: float = CROP_MARGIN
+    input_mean: float = 0.5
+    input_std: float = 0.25
+    stem: int = 32
+    widths: tuple[int, ...] = (32, 64, 128, 256)
+    depths: tuple[int, ...] = (1, 2, 2, 1)
+    head: str = "fc"  # fc: dense layers over the last map | heatmap: per-point heatmaps + soft-argmax
+    head_hidden: int = 256  # fc: hidden units; heatmap: decoder channels
+    heatmap_stride: int = 4  # heatmap: input pixels per heatmap cell
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if len(self.widths) != len(self.depths) or not self.widths:
+            raise ValueError("widths and depths must be non-empty and of equal length")
+        if self.input_size % (2 ** (len(self.widths) + 1)):
+            raise ValueError(f"input_size must be a multiple of {2 ** (len(self.widths) + 1)}")
+        if self.head not in ("fc", "heatmap"):
+            raise ValueError(f"head must be 'fc' or 'heatmap', got {self.head!r}")
+        if self.head == "heatmap" and self.heatmap_stride not in [2 ** (i + 1) for i in range(len(self.widths) + 1)]:
+            raise ValueError("heatmap_stride must be the stride of one of the network's stages")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        """Build from JSON metadata; unknown keys are an error (a model file from elsewhere)."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        kwargs = dict(data)
+        for key in ("widths", "depths"):
+            if key in kwargs:
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(input_size=64, stem=16, widths=(16, 32, 64), depths=(1, 1, 1), head_hidden=64, dropout=0.0),
+    "small": ModelConfig(stem=24, widths=(24, 48, 96, 192), depths=(1, 1, 2, 1)),
+    "base": ModelConfig(),
+    "deep": ModelConfig(depths=(2, 2, 3, 1)),
+    "large": ModelConfig(input_size=128, widths=(32, 64, 128, 256), depths=(2, 2, 2, 1)),
+}
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1, relu: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convolutions with a (projected when needed) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(_conv_bn(cin, cout, stride), _conv_bn(cout, cout, relu=False))
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.shortcut(x))
+
+
+class HeatmapHead(nn.Module):
+    """Top-down decoder to one heatmap per point, read out by soft-argmax (integral regression).
+
+    Keeps features spatial up to the output, so points are placed with sub-cell precision by
+    the expectation over each heatmap rather than by dense layers that must learn geometry.
+    """
+
+    def __init__(self, stage_channels: list[int], stage_strides: list[int], out_stride: int, channels: int, size: int):
+        super().__init__()
+        self.levels = [i for i, s in enumerate(stage_strides) if s >= out_stride]
+        self.lateral = nn.ModuleList(nn.Conv2d(stage_channels[i], channels, 1, bias=False) for i in self.levels)
+        self.smooth = nn.ModuleList(_conv_bn(channels, channels) for _ in self.levels[:-1])
+        self.out = nn.Conv2d(channels, NUM_KEYPOINTS, 1)
+        cells = size // out_stride
+        centers = (torch.arange(cells, dtype=torch.float32) + 0.5) * (2.0 / cells) - 1.0  # cell centres in [-1, 1]
+        self.register_buffer("_grid", centers, persistent=False)
+
+    def forward(self, stages: list[torch.Tensor]) -> torch.Tensor:
+        feats = [stages[i] for i in self.levels]
+        x = self.lateral[-1](feats[-1])
+        for k in range(len(feats) - 2, -1, -1):
+            lat = self.lateral[k](feats[k])
+            x = self.smooth[k](lat + nn.functional.interpolate(x, size=lat.shape[-2:], mode="nearest"))
+        logits = self.out(x)  # (N, 68, h, w)
+        n, k, h, w = logits.shape
+        prob = torch.softmax(logits.flatten(2), dim=-1).view(n, k, h, w)
+        px = (prob.sum(dim=2) * self._grid).sum(-1)
+        py = (prob.sum(dim=3) * self._grid).sum(-1)
+        return torch.stack([px, py], dim=-1)
+
+
+class KeypointNet(nn.Module):
+    """(N, 1, S, S) gray crops in [0, 1] -> (N, 68, 2) keypoints in [-1, 1] crop units."""
+
+    def __init__(self, config: ModelConfig | None = None):
+        super().__init__()
+        config = config or ModelConfig()
+        self.config = config
+        self.stem = _conv_bn(1, config.stem, stride=2)
+        self.stages = nn.ModuleList()
+        channels, strides, stage_channels = config.stem, [], []
+        stride = 2
+        for width, depth in zip(config.widths, config.depths):
+            blocks = []
+            for i in range(depth):
+                blocks.append(ResidualBlock(channels, width, stride=2 if i == 0 else 1))
+                channels = width
+            stride *= 2
+            self.stages.append(nn.Sequential(*blocks))
+            strides.append(stride)
+            stage_channels.append(width)
+        side = config.input_size // stride
+        if config.head == "heatmap":
+            self.head: nn.Module = HeatmapHead(stage_channels, strides, config.heatmap_stride, config.head_hidden, config.input_size)
+        else:
+            self.head = nn.Sequential(
+                nn.Flatten(),
+                nn.Dropout(config.dropout),
+                nn.Linear(channels * side * side, config.head_hidden),
+                nn.ReLU(inplace=True),
+                nn.Linear(config.head_hidden, NUM_KEYPOINTS * 2),
+            )
+        self.register_buffer("_mean", torch.tensor(config.input_mean), persistent=False)
+        self.register_buffer("_std", torch.tensor(config.input_std), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem((x - self._mean) / self._std)
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        if self.config.head == "heatmap":
+            return self.head(outs)
+        return self.head(x).view(-1, NUM_KEYPOINTS, 2)
+
+    @property
+    def first_conv(self) -> nn.Conv2d:
+        """The first convolution, whose filters :mod:`fkp_core.viz` draws."""
+        return self.stem[0]
+
+
+def build_model(config: ModelConfig | str = "base", **overrides) -> KeypointNet:
+    """A fresh network from a config or a preset name, with optional field overrides."""
+    if isinstance(config, str):
+        if config not in MODEL_PRESETS:
+            raise ValueError(f"unknown model preset {config!r}; choose from {sorted(MODEL_PRESETS)}")
+        config = MODEL_PRESETS[config]
+    if overrides:
+        config = ModelConfig.from_dict({**config.to_dict(), **overrides})
+    return KeypointNet(config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

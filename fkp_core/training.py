@@ -1,0 +1,218 @@
+"""The training loop's parts, torch only: datasets of face crops, weighted sampling, loss, epochs, validation.
+
+``jobs.train`` wires these into Ray Train; a notebook or a test can use them alone.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from fkp_core.dataset import Record, read_image
+from fkp_core.metrics import nme
+from fkp_core.transforms import AugmentConfig, Compose, Sample, eval_transform, to_tensors, train_transform
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides what a training run learns (recorded in the model's metadata)."""
+
+    model: str = "base"
+    input_size: int | None = None  # overrides the preset's
+    epochs: int = 120
+    batch_size: int = 64  # per worker
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # cosine | step | constant
+    warmup_epochs: float = 2.0
+    loss: str = "wing"  # wing | l1 | mse
+    val_fraction: float = 0.1
+    seed: int = 0
+    loader_workers: int = 2
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        data = dict(data)
+        aug = data.pop("augment", {}) or {}
+        if "scale" in aug:
+            aug["scale"] = tuple(aug["scale"])
+        return cls(**data, augment=AugmentConfig(**aug))
+
+
+class KeypointDataset(Dataset):
+    """Records -> (crop tensor, normalized keypoints, source index), images decoded once and kept in memory.
+
+    Randomness comes from (seed, epoch, index), so a sample's augmentation does not depend on which
+    loader worker or Ray worker draws it, and a resumed run sees the same stream.
+    """
+
+    def __init__(self, records: Sequence[Record], transform: Compose, seed: int = 0, sources: Sequence[str] | None = None):
+        self.records = list(records)
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+        self.sources = list(sources) if sources is not None else sorted({r.source for r in self.records})
+        self._source_index = [self.sources.index(r.source) for r in self.records]
+        self._images = [read_image(r.image_path) for r in self.records]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        sample = self.transform(Sample(self._images[i], self.records[i].keypoints.copy()), rng)
+        image, keypoints = to_tensors(sample)
+        return image, keypoints, self._source_index[i]
+
+
+class WeightedDistributedSampler(Sampler[int]):
+    """Draw an epoch's indices with per-sample weights (with replacement), sharded over ranks.
+
+    Each source then contributes in proportion to its weight, whatever its size; every rank sees a
+    disjoint slice of the same epoch-seeded draw, as DistributedSampler does for uniform sampling.
+    """
+
+    def __init__(self, weights: Sequence[float], num_samples: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.weights = torch.as_tensor(weights, dtype=torch.double)
+        self.num_samples = num_samples - num_samples % world_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        idx = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g)
+        return iter(idx[self.rank :: self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples // self.world_size
+
+
+def source_weights(records: Sequence[Record], weights: dict[str, float]) -> list[float]:
+    """Per-sample weights that give each source a share proportional to its weight."""
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.source] = counts.get(r.source, 0) + 1
+    total = sum(weights.get(s, 1.0) for s in counts)
+    return [weights.get(r.source, 1.0) / total / counts[r.source] for r in records]
+
+
+def wing_loss(pred: torch.Tensor, target: torch.Tensor, w: float = 0.2, eps: float = 0.04) -> torch.Tensor:
+    """Wing loss (Feng et al. 2018) in [-1, 1] crop units: log-shaped near zero so small errors keep a gradient."""
+    x = (pred - target).abs()
+    c = w - w * math.log1p(w / eps)
+    return torch.where(x < w, w * torch.log1p(x / eps), x - c).mean()
+
+
+LOSSES = {
+    "wing": wing_loss,
+    "l1": lambda p, t: (p - t).abs().mean(),
+    "mse": lambda p, t: ((p - t) ** 2).mean(),
+}
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up, then cosine, step or constant."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "step":
+        return 0.1 ** int(progress / 0.4) if progress < 1 else 0.01
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (no decay on norms and biases) with the configured per-step schedule."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.schedule))
+    return opt, sched
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss_name: str,
+    device: torch.device,
+) -> dict[str, float]:
+    """One pass over ``loader``; returns mean loss, images seen and images per second."""
+    model.train()
+    loss_fn = LOSSES[loss_name]
+    total, count, start = 0.0, 0, time.perf_counter()
+    for images, targets, _ in loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        loss = loss_fn(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += float(loss.detach()) * len(images)
+        count += len(images)
+    seconds = time.perf_counter() - start
+    return {"loss": total / max(count, 1), "images": count, "images_per_s": count / max(seconds, 1e-9)}
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(predictions, targets, source indices) in [-1, 1] crop units over a loader."""
+    model.eval()
+    preds, targets, sources = [], [], []
+    for images, kp, src in loader:
+        preds.append(model(images.to(device)).float().cpu().numpy())
+        targets.append(kp.numpy())
+        sources.append(np.asarray(src))
+    if not preds:
+        empty = np.zeros((0, 68, 2), np.float32)
+        return empty, empty, np.zeros(0, int)
+    return np.concatenate(preds), np.concatenate(targets), np.concatenate(sources)
+
+
+def validation_nme(model: nn.Module, loader: DataLoader, device: torch.device, names: Sequence[str]) -> dict[str, float]:
+    """NME per source of a validation loader (crop units: NME is invariant to the crop's similarity map)."""
+    pred, target, src = predict(model, loader, device)
+    errors = nme(pred, target) if len(pred) else np.zeros(0)
+    out = {}
+    for i, name in enumerate(names):
+        mask = src == i
+        if mask.any():
+            out[name] = float(errors[mask].mean())
+    return out
+
+
+def make_datasets(
+    train_records: Sequence[Record], val_records: Sequence[Record], cfg: TrainConfig, input_size: int, margin: float
+) -> tuple[KeypointDataset, KeypointDataset]:
+    """Training set (augmented crops) and validation set (inference crops of keypoint boxes)."""
+    names = sorted({r.source for r in [*train_records, *val_records]})
+    train = KeypointDataset(train_records, train_transform(input_size, cfg.augment, margin), cfg.seed, names)
+    val = KeypointDataset(val_records, eval_transform(input_size, margin), cfg.seed, names)
+    return train, val

@@ -1,0 +1,505 @@
+"""Transforms that carry keypoints with the image, and the one face-crop used in training and inference.
+
+Geometric transforms do not resample: each composes its affine map into the sample's pending
+matrix, and :class:`Warp` resamples the source image once (one interpolation, however many
+augmentations) and moves the keypoints by the same matrix. A horizontal flip also relabels the
+points through :data:`~fkp_core.constants.FLIP_PERMUTATION`, so point 36 stays the subject's
+right eye corner. Photometric transforms act on the warped image.
+
+Pixel convention everywhere: integer coordinates are pixel centres; an image of width W spans
+[-0.5, W - 0.5]. Model targets are keypoints normalised to [-1, 1] over the crop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import cv2
+import numpy as np
+import torch
+
+from fkp_core.constants import FLIP_PERMUTATION
+
+# A face box's square crop side is (1 + 2 * CROP_MARGIN) times the box side.
+CROP_MARGIN = 0.2
+# Mean Haar box relative to the keypoints (calibrated on the course training images: see
+# box_from_keypoints); the training crops are made from such boxes so that they look like the
+# crops of Haar boxes at inference.
+BOX_SCALE = 1.14  # Haar side / keypoint extent (see _keypoint_extent)
+BOX_SHIFT_Y = -0.16  # Haar centre y - keypoint-box centre y, in Haar box sides
+_FLIP = np.asarray(FLIP_PERMUTATION)
+
+Box = np.ndarray  # (4,) float or int: x, y, w, h in image pixels
+
+
+# --------------------------------------------------------------------------------------------
+# The face crop and its inverse
+# --------------------------------------------------------------------------------------------
+
+
+def _keypoint_extent(keypoints: np.ndarray) -> np.ndarray:
+    """Width/height of the keypoint bounding box, (..., 2)."""
+    return keypoints.max(axis=-2) - keypoints.min(axis=-2)
+
+
+def box_from_keypoints(keypoints: np.ndarray) -> np.ndarray:
+    """A square box placed where the Haar detector would put it: (x, y, w, h) float, (..., 4).
+
+    Used for training crops, ground-truth-box evaluation and tracking, so that all three see the
+    face framed as a Haar detection frames it.
+    """
+    keypoints = np.asarray(keypoints, dtype=np.float64)
+    lo, hi = keypoints.min(axis=-2), keypoints.max(axis=-2)
+    side = BOX_SCALE * np.max(hi - lo, axis=-1)
+    cx = (lo[..., 0] + hi[..., 0]) / 2
+    cy = (lo[..., 1] + hi[..., 1]) / 2 + BOX_SHIFT_Y * side
+    return np.stack([cx - side / 2, cy - side / 2, side, side], axis=-1)
+
+
+def crop_matrix(box: Box, size: int, margin: float = CROP_MARGIN) -> np.ndarray:
+    """3x3 affine mapping image pixels to the ``size`` x ``size`` model crop of a face box."""
+    x, y, w, h = (float(v) for v in box)
+    side = max(w, h) * (1.0 + 2.0 * margin)
+    if not side > 0:
+        raise ValueError(f"face box must have a positive size, got {tuple(box)}")
+    s = size / side
+    x0 = x + w / 2 - side / 2
+    y0 = y + h / 2 - side / 2
+    # the square [x0, x0 + side] maps onto the crop's outer edges [-0.5, size - 0.5]
+    return np.array([[s, 0, -x0 * s - 0.5], [0, s, -y0 * s - 0.5], [0, 0, 1]])
+
+
+def apply_matrix(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Move (..., 2) points by a 3x3 (or 2x3) affine matrix."""
+    m = np.asarray(matrix, dtype=np.float64)
+    pts = np.asarray(points, dtype=np.float64)
+    return (pts @ m[:2, :2].T + m[:2, 2]).astype(np.float32)
+
+
+def crop_face(image: np.ndarray, box: Box, size: int, margin: float = CROP_MARGIN) -> tuple[np.ndarray, np.ndarray]:
+    """The model's view of one face: (size x size crop, 3x3 matrix image -> crop)."""
+    m = crop_matrix(box, size, margin)
+    crop = cv2.warpAffine(image, m[:2], (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return crop, m
+
+
+def uncrop_keypoints(normalized: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
+    """Model output in [-1, 1] crop units -> image pixels (inverse of :func:`crop_face`)."""
+    crop_px = denormalize_keypoints(normalized, size)
+    return apply_matrix(np.linalg.inv(matrix), crop_px)
+
+
+def normalize_keypoints(keypoints: np.ndarray, size: int) -> np.ndarray:
+    """Crop pixels -> [-1, 1] (the crop's outer edges)."""
+    return ((np.asarray(keypoints, dtype=np.float32) + 0.5) * (2.0 / size) - 1.0).astype(np.float32)
+
+
+def denormalize_keypoints(normalized: np.ndarray, size: int) -> np.ndarray:
+    """[-1, 1] -> crop pixels."""
+    return ((np.asarray(normalized, dtype=np.float32) + 1.0) * (size / 2.0) - 0.5).astype(np.float32)
+
+
+def to_gray(image: np.ndarray) -> np.ndarray:
+    """Gray uint8 from gray, BGR or BGRA input."""
+    if image.ndim == 2:
+        return image
+    if image.ndim == 3 and image.shape[2] == 1:
+        return image[..., 0]
+    if image.ndim == 3 and image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY)
+    if image.ndim == 3 and image.shape[2] == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    raise ValueError(f"expected a gray, BGR or BGRA image, got shape {image.shape}")
+
+
+# --------------------------------------------------------------------------------------------
+# Samples and the lazy geometric pipeline
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """An image with its 68 keypoints, a face box, and a pending (not yet applied) warp."""
+
+    image: np.ndarray
+    keypoints: np.ndarray  # (68, 2) in pixels of `image` (before the pending warp)
+    box: np.ndarray | None = None  # (x, y, w, h) in pixels of `image`
+    matrix: np.ndarray = field(default_factory=lambda: np.eye(3))  # source -> output pixels
+    out_size: tuple[int, int] | None = None  # (w, h) of the output; None: same as the image
+    flipped: bool = False
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(w, h) the image will have once warped."""
+        return self.out_size or (self.image.shape[1], self.image.shape[0])
+
+    @property
+    def pending(self) -> bool:
+        return self.out_size is not None or self.flipped or not np.allclose(self.matrix, np.eye(3))
+
+    def then(self, m: np.ndarray, out_size: tuple[int, int] | None = None, flip: bool = False) -> Sample:
+        """Compose one more affine step (output -> new output)."""
+        return replace(
+            self,
+            matrix=m @ self.matrix,
+            out_size=out_size or self.out_size,
+            flipped=self.flipped ^ flip,
+        )
+
+
+Transform = Callable[[Sample, np.random.Generator], Sample]
+
+
+class Compose:
+    """Apply transforms in order with one random generator."""
+
+    def __init__(self, transforms: Sequence[Transform]):
+        self.transforms = list(transforms)
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = rng if rng is not None else np.random.default_rng()
+        for t in self.transforms:
+            sample = t(sample, rng)
+        return sample
+
+
+def _about_center(linear: np.ndarray, size: tuple[int, int], shift: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    cx, cy = (size[0] - 1) / 2.0, (size[1] - 1) / 2.0
+    to_origin = np.array([[1, 0, -cx], [0, 1, -cy], [0, 0, 1]], dtype=np.float64)
+    back = np.array([[1, 0, cx + shift[0]], [0, 1, cy + shift[1]], [0, 0, 1]], dtype=np.float64)
+    m = np.eye(3)
+    m[:2, :2] = linear
+    return back @ m @ to_origin
+
+
+def _rotation(degrees: float) -> np.ndarray:
+    # positive angle turns the picture counter-clockwise as seen on screen (y axis points down)
+    a = math.radians(degrees)
+    return np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]])
+
+
+class Warp:
+    """Resample the image once through the pending matrix and move the keypoints with it."""
+
+    def __init__(self, interpolation: int = cv2.INTER_LINEAR, border: int = cv2.BORDER_REPLICATE):
+        self.interpolation = interpolation
+        self.border = border
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        return materialize(sample, self.interpolation, self.border)
+
+
+def materialize(sample: Sample, interpolation: int = cv2.INTER_LINEAR, border: int = cv2.BORDER_REPLICATE) -> Sample:
+    """The sample with its pending warp applied (itself when nothing is pending)."""
+    if not sample.pending:
+        return sample
+    m = sample.matrix
+    w, h = sample.size
+    # Downscaling by more than 2x through bilinear taps aliases; pre-blur in proportion.
+    scale = math.sqrt(abs(np.linalg.det(m[:2, :2])))
+    image = sample.image
+    if scale < 0.5:
+        sigma = 0.5 / scale * 0.6
+        image = cv2.GaussianBlur(image, (0, 0), sigma)
+    image = cv2.warpAffine(image, m[:2], (w, h), flags=interpolation, borderMode=border)
+    keypoints = apply_matrix(m, sample.keypoints)
+    if sample.flipped:
+        keypoints = keypoints[_FLIP]
+    box = None
+    if sample.box is not None:
+        x, y, bw, bh = sample.box
+        corners = apply_matrix(m, np.array([[x, y], [x + bw, y], [x, y + bh], [x + bw, y + bh]]))
+        lo, hi = corners.min(0), corners.max(0)
+        box = np.array([lo[0], lo[1], hi[0] - lo[0], hi[1] - lo[1]], dtype=np.float32)
+    return Sample(image=image, keypoints=keypoints, box=box)
+
+
+# ---- deterministic geometry: the seeds' pipeline and the face crop ----
+
+
+class Rescale:
+    """Scale so the shorter side is ``size`` (int) or to exactly (w, h) (tuple), as the seeds' Rescale."""
+
+    def __init__(self, size: int | tuple[int, int]):
+        self.size = size
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        w, h = sample.size
+        if isinstance(self.size, int):
+            if h > w:
+                new_w, new_h = self.size, self.size * h / w
+            else:
+                new_w, new_h = self.size * w / h, self.size
+            new_w, new_h = int(round(new_w)), int(round(new_h))
+        else:
+            new_w, new_h = self.size
+        sx, sy = new_w / w, new_h / h
+        m = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]])
+        return sample.then(m, (new_w, new_h))
+
+
+class RandomCrop:
+    """Cut a random ``size`` x ``size`` window, as the seeds' RandomCrop."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        w, h = sample.size
+        if w < self.size or h < self.size:
+            raise ValueError(f"cannot crop {self.size} from an image of {w}x{h}")
+        left = int(rng.integers(0, w - self.size + 1))
+        top = int(rng.integers(0, h - self.size + 1))
+        m = np.array([[1, 0, -left], [0, 1, -top], [0, 0, 1]], dtype=np.float64)
+        return sample.then(m, (self.size, self.size))
+
+
+class FaceCrop:
+    """The face crop: square around the sample's box (or the keypoints' Haar-like box), ``size`` pixels.
+
+    ``jitter_scale``/``jitter_shift`` perturb the box the way detector boxes vary around the mean,
+    so that the model is trained on the spread of crops it meets at inference.
+    """
+
+    def __init__(self, size: int, margin: float = CROP_MARGIN, jitter_scale: float = 0.0, jitter_shift: float = 0.0):
+        self.size = size
+        self.margin = margin
+        self.jitter_scale = jitter_scale
+        self.jitter_shift = jitter_shift
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        if sample.pending:
+            sample = materialize(sample)
+        box = sample.box if sample.box is not None else box_from_keypoints(sample.keypoints)
+        box = np.asarray(box, dtype=np.float64)
+        if rng is not None and (self.jitter_scale or self.jitter_shift):
+            x, y, w, h = box
+            side = max(w, h)
+            s = math.exp(rng.uniform(-self.jitter_scale, self.jitter_scale))
+            dx, dy = rng.uniform(-self.jitter_shift, self.jitter_shift, size=2) * side
+            cx, cy = x + w / 2 + dx, y + h / 2 + dy
+            box = np.array([cx - w * s / 2, cy - h * s / 2, w * s, h * s])
+        return sample.then(crop_matrix(box, self.size, self.margin), (self.size, self.size))
+
+
+# ---- random geometry around the output centre ----
+
+
+class RandomRotation:
+    """Rotate by a uniform angle in [-degrees, degrees] about the output centre."""
+
+    def __init__(self, degrees: float, p: float = 1.0):
+        self.degrees, self.p = degrees, p
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.p:
+            return sample
+        angle = rng.uniform(-self.degrees, self.degrees)
+        return sample.then(_about_center(_rotation(angle), sample.size))
+
+
+class RandomScale:
+    """Zoom by a log-uniform factor in [low, high] about the output centre."""
+
+    def __init__(self, low: float, high: float, p: float = 1.0):
+        self.low, self.high, self.p = low, high, p
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.p:
+            return sample
+        s = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+        return sample.then(_about_center(np.eye(2) * s, sample.size))
+
+
+class RandomTranslate:
+    """Shift by up to ``fraction`` of the output size along each axis."""
+
+    def __init__(self, fraction: float, p: float = 1.0):
+        self.fraction, self.p = fraction, p
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.p:
+            return sample
+        w, h = sample.size
+        dx, dy = rng.uniform(-self.fraction, self.fraction, size=2) * (w, h)
+        return sample.then(np.array([[1, 0, dx], [0, 1, dy], [0, 0, 1]], dtype=np.float64))
+
+
+class RandomHorizontalFlip:
+    """Mirror left-right and relabel the points with the flip permutation."""
+
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.p:
+            return sample
+        w, _ = sample.size
+        m = np.array([[-1, 0, w - 1], [0, 1, 0], [0, 0, 1]], dtype=np.float64)
+        return sample.then(m, flip=True)
+
+
+# ---- photometric (act on the warped image) ----
+
+
+def _as_float(image: np.ndarray) -> np.ndarray:
+    return image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+
+
+def _with_image(sample: Sample, image: np.ndarray) -> Sample:
+    return replace(materialize(sample), image=image)
+
+
+class ToFloat:
+    """Gray float32 in [0, 1] (the model's input range), from gray or BGR uint8/float."""
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        image = sample.image
+        if image.ndim == 3:
+            image = to_gray(image if image.dtype == np.uint8 else (image * 255).astype(np.uint8))
+        return replace(sample, image=_as_float(image))
+
+
+class RandomBrightnessContrast:
+    """Random gain, offset and gamma: lighting the training set lacks."""
+
+    def __init__(self, brightness: float = 0.25, contrast: float = 0.35, gamma: float = 0.3, p: float = 0.8):
+        self.brightness, self.contrast, self.gamma, self.p = brightness, contrast, gamma, p
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.p:
+            return sample
+        img = _as_float(materialize(sample).image)
+        g = math.exp(rng.uniform(-self.gamma, self.gamma))
+        img = np.power(np.clip(img, 0, 1), g)
+        c = math.exp(rng.uniform(-self.contrast, self.contrast))
+        b = rng.uniform(-self.brightness, self.brightness)
+        mean = float(img.mean())
+        img = np.clip((img - mean) * c + mean + b, 0.0, 1.0)
+        return _with_image(sample, img.astype(np.float32))
+
+
+class RandomBlur:
+    """Gaussian blur of random strength: defocus and motion-free video softness."""
+
+    def __init__(self, max_sigma: float = 1.5, p: float = 0.3):
+        self.max_sigma, self.p = max_sigma, p
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.p:
+            return sample
+        img = _as_float(materialize(sample).image)
+        return _with_image(sample, cv2.GaussianBlur(img, (0, 0), rng.uniform(0.3, self.max_sigma)))
+
+
+class RandomDownscale:
+    """Lose resolution (down then up): small faces in video are blurrier than the training crops."""
+
+    def __init__(self, min_scale: float = 0.35, p: float = 0.3):
+        self.min_scale, self.p = min_scale, p
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.p:
+            return sample
+        img = _as_float(materialize(sample).image)
+        h, w = img.shape[:2]
+        s = rng.uniform(self.min_scale, 1.0)
+        small = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+        return _with_image(sample, cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR))
+
+
+class RandomNoise:
+    """Additive Gaussian sensor noise."""
+
+    def __init__(self, max_sigma: float = 0.04, p: float = 0.3):
+        self.max_sigma, self.p = max_sigma, p
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.p:
+            return sample
+        img = _as_float(materialize(sample).image)
+        noise = rng.normal(0.0, rng.uniform(0.0, self.max_sigma), size=img.shape).astype(np.float32)
+        return _with_image(sample, np.clip(img + noise, 0.0, 1.0))
+
+
+class RandomOcclusion:
+    """Paint a random rectangle (flat or noise) over part of the face: hands, microphones, hair."""
+
+    def __init__(self, max_fraction: float = 0.4, p: float = 0.3):
+        self.max_fraction, self.p = max_fraction, p
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.p:
+            return sample
+        img = _as_float(materialize(sample).image).copy()
+        h, w = img.shape[:2]
+        rw = max(1, int(w * rng.uniform(0.1, self.max_fraction)))
+        rh = max(1, int(h * rng.uniform(0.1, self.max_fraction)))
+        x0 = int(rng.integers(0, w - rw + 1))
+        y0 = int(rng.integers(0, h - rh + 1))
+        if rng.random() < 0.5:
+            img[y0 : y0 + rh, x0 : x0 + rw] = rng.uniform(0, 1)
+        else:
+            img[y0 : y0 + rh, x0 : x0 + rw] = rng.uniform(0, 1, size=img[y0 : y0 + rh, x0 : x0 + rw].shape)
+        return _with_image(sample, img)
+
+
+# ---- to the model ----
+
+
+def to_tensors(sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, S, S) float image in [0, 1] and (68, 2) keypoints in [-1, 1] of a warped square sample."""
+    sample = materialize(sample)
+    image = sample.image
+    if image.ndim == 3:
+        image = to_gray(image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).astype(np.uint8))
+    img = _as_float(image)
+    h, w = img.shape
+    if h != w:
+        raise ValueError(f"model input must be square, got {w}x{h}")
+    kp = normalize_keypoints(sample.keypoints, w)
+    return torch.from_numpy(np.ascontiguousarray(img))[None], torch.from_numpy(kp)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """How hard training crops are perturbed (the defaults were used for the shipped model)."""
+
+    rotation: float = 25.0
+    scale: tuple[float, float] = (0.85, 1.15)
+    translate: float = 0.06
+    flip: float = 0.5
+    box_jitter_scale: float = 0.08
+    box_jitter_shift: float = 0.05
+    photometric: bool = True
+    occlusion: float = 0.25
+
+
+def train_transform(size: int, aug: AugmentConfig = AugmentConfig(), margin: float = CROP_MARGIN) -> Compose:
+    """Face crop with geometric and photometric augmentation, resampled once."""
+    steps: list[Transform] = [
+        FaceCrop(size, margin, aug.box_jitter_scale, aug.box_jitter_shift),
+        RandomRotation(aug.rotation, p=0.8),
+        RandomScale(*aug.scale),
+        RandomTranslate(aug.translate),
+        RandomHorizontalFlip(aug.flip),
+        Warp(),
+    ]
+    if aug.photometric:
+        steps += [RandomBrightnessContrast(), RandomDownscale(), RandomBlur(), RandomNoise()]
+    if aug.occlusion > 0:
+        steps.append(RandomOcclusion(p=aug.occlusion))
+    steps.append(ToFloat())
+    return Compose(steps)
+
+
+def eval_transform(size: int, margin: float = CROP_MARGIN) -> Compose:
+    """The inference view: the face crop of the sample's box (or keypoint box), nothing random."""
+    return Compose([FaceCrop(size, margin), Warp(), ToFloat()])
+
+
+def seed_transform(rescale: int = 250, crop: int = 224) -> Compose:
+    """The course notebooks' pipeline: Rescale(250), RandomCrop(224), gray [0, 1]."""
+    return Compose([Rescale(rescale), RandomCrop(crop), Warp(), ToFloat()])

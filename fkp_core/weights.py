@@ -1,0 +1,132 @@
+"""Release weights: a state_dict (``NAME.pt``) plus JSON metadata (``NAME.json``), loaded safely.
+
+The ``.pt`` file holds tensors only and is read with ``torch.load(weights_only=True)``, so a
+file that smuggles arbitrary objects is refused rather than executed. The JSON records the
+architecture, the input the model expects, how it was trained and what it scored, and the
+SHA-256 of the ``.pt`` file, so that a swapped or damaged weights file is caught before use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fkp_core.model import KeypointNet, ModelConfig
+
+FORMAT = "fkp-keypoints/1"
+DEFAULT_MODEL_NAME = "fkp_default"
+
+
+class ModelFileError(RuntimeError):
+    """A model file that cannot be used: missing, corrupt, tampered with, or for another network."""
+
+
+@dataclass
+class LoadedModel:
+    model: KeypointNet
+    config: ModelConfig
+    metadata: dict[str, Any]
+    path: Path
+
+
+def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    p = Path(path)
+    stem = p.with_suffix("") if p.suffix in (".pt", ".json") else p
+    return stem.with_suffix(".pt"), stem.with_suffix(".json")
+
+
+def default_model_path() -> Path:
+    """The model shipped inside the package (the default of every job)."""
+    return Path(str(resources.files("fkp_core") / "assets" / f"{DEFAULT_MODEL_NAME}.pt"))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: KeypointNet, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``NAME.pt`` and ``NAME.json`` atomically; returns the ``.pt`` path."""
+    pt_path, json_path = _paths(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    _atomic_write(pt_path, buf.getvalue())
+    meta = {
+        "format": FORMAT,
+        "config": model.config.to_dict(),
+        "weights_file": pt_path.name,
+        "sha256": _sha256(pt_path),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        **(metadata or {}),
+    }
+    _atomic_write(json_path, (json.dumps(meta, indent=2, sort_keys=False) + "\n").encode())
+    return pt_path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON beside a model file, checked for format."""
+    _, json_path = _paths(path)
+    if not json_path.is_file():
+        raise ModelFileError(f"{json_path}: model metadata file is missing")
+    try:
+        meta = json.loads(json_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{json_path}: not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelFileError(f"{json_path}: not an fkp model metadata file (format {meta.get('format')!r})")
+    return meta
+
+
+def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load weights + metadata (the bundled model when ``path`` is None), in eval mode on ``device``."""
+    pt_path, json_path = _paths(path if path is not None else default_model_path())
+    if not pt_path.is_file():
+        hint = " (the bundled model is missing: reinstall fkp)" if path is None else ""
+        raise ModelFileError(f"{pt_path}: model file not found{hint}")
+    meta = read_metadata(pt_path)
+    expected = meta.get("sha256")
+    if expected and _sha256(pt_path) != expected:
+        raise ModelFileError(f"{pt_path}: checksum does not match {json_path.name}: file damaged or replaced")
+    try:
+        config = ModelConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{json_path}: bad model config ({exc})") from exc
+    try:
+        state = torch.load(pt_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError...: all mean "refused"
+        raise ModelFileError(f"{pt_path}: cannot load weights safely ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelFileError(f"{pt_path}: not a state_dict of tensors")
+    model = KeypointNet(config)
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelFileError(f"{pt_path}: weights do not fit the config in {json_path.name}: {first}") from exc
+    model.eval().to(device)
+    return LoadedModel(model=model, config=config, metadata=meta, path=pt_path)

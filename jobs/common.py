@@ -1,0 +1,105 @@
+"""What every entry point shares: one-line usage errors (exit 2), logging, and starting or joining Ray."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+log = logging.getLogger("fkp")
+
+
+class UsageError(Exception):
+    """Bad flags or inputs: printed as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump) and exit code 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("fkp").setLevel(level)
+
+
+def run_main(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int], argv: Sequence[str] | None) -> int:
+    """Parse, run, and map failures to exit codes: UsageError -> 2, Ctrl-C -> 130."""
+    args = parser.parse_args(argv)
+    setup_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
+    try:
+        return run(args)
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; re-run the same command to finish the remaining work", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def ray_env_defaults() -> None:
+    """Environment every Ray process of ours needs on small machines (see the project notes)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a plain ray.init() otherwise turns token auth on
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, quiet: bool = True) -> str:
+    """Join the cluster at ``RAY_ADDRESS`` when set (``ray job submit`` sets it), else start a local one.
+
+    Returns "cluster" or "local". A local instance gets the project on its workers' path, a short
+    temp dir (unix socket paths are limited) and no dashboard (start-up cost on small machines).
+    """
+    import ray
+
+    ray_env_defaults()
+    if ray.is_initialized():
+        return "cluster" if os.environ.get("RAY_ADDRESS") else "local"
+    kwargs: dict = {"logging_level": logging.WARNING if quiet else logging.INFO}
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
+        return "cluster"
+    pythonpath = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    temp_dir = os.environ.get("FKP_RAY_TEMP_DIR") or os.path.join(tempfile.gettempdir(), f"fkp-ray-{os.getuid()}")
+    ray.init(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}},
+        **kwargs,
+    )
+    return "local"
+
+
+def cluster_node_count() -> int:
+    """Alive nodes in the Ray cluster (1 for the embedded instance)."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def existing_dir(value: str) -> Path:
+    p = Path(value)
+    if not p.is_dir():
+        raise UsageError(f"{value}: no such directory")
+    return p

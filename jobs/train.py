@@ -1,0 +1,432 @@
+"""Train the keypoint CNN on Ray Train workers and export the best epoch as a release model.
+
+    python -m jobs.train --data course:data/fkp --data ibug:data/300w/helen --val-data ibug:data/300w/afw
+
+Every epoch each worker trains on its shard of a weighted draw over the data sources, all ranks
+report validation NME (identity-disjoint split of each training source, plus any ``--val-data``
+source, which is never trained on), and rank 0 attaches a checkpoint holding the latest state
+and the best weights so far. Re-running the same command (same ``--storage`` and ``--name``)
+resumes from the last checkpoint. The best epoch (lowest NME on the training sources' validation
+splits) is written to ``--output`` as ``NAME.pt`` + ``NAME.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+import zipfile
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from jobs.common import EXIT_FAILED, EXIT_OK, Parser, UsageError, add_common_flags, init_ray, run_main
+
+log = logging.getLogger("fkp.train")
+
+PUBLIC_ARCHIVE_URL = (
+    "https://s3.amazonaws.com/video.udacity-data.com/topher/2018/May/5aea1b91_train-test-data/train-test-data.zip"
+)
+SELECTION_METRIC = "val_nme"
+
+
+def default_data_dir() -> Path:
+    """``$FKP_DATA/fkp`` when FKP_DATA is set, else ``data/`` in the working directory."""
+    root = os.environ.get("FKP_DATA")
+    return Path(root) / "fkp" if root else Path("data")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fkp_core.model import MODEL_PRESETS
+    from fkp_core.training import LOSSES, TrainConfig
+    from fkp_core.transforms import AugmentConfig
+
+    d, a = TrainConfig(), AugmentConfig()
+    p = Parser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0])
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        action="append",
+        metavar="[KIND:]PATH[@WEIGHT]",
+        help="training source, repeatable: KIND is 'course' (Udacity CSV layout) or 'ibug' (.pts folder), "
+        "detected from the folder when omitted; WEIGHT is its share of each epoch (default 1). "
+        "Default: $FKP_DATA/fkp, else ./data",
+    )
+    g.add_argument(
+        "--val-data",
+        action="append",
+        default=[],
+        metavar="[KIND:]PATH",
+        help="validation-only source, repeatable (reported every epoch, never trained on; e.g. AFW)",
+    )
+    g.add_argument("--val-fraction", type=float, default=d.val_fraction, help="identities held out of each training source for validation")
+    g.add_argument("--download", action="store_true", help="fetch and unpack the public course archive into the data dir first (when it is not there)")
+    g.add_argument("--download-url", default=PUBLIC_ARCHIVE_URL, help="archive to fetch with --download (http(s):// or file://)")
+    g = p.add_argument_group("model and optimisation")
+    g.add_argument("--model", default=d.model, choices=sorted(MODEL_PRESETS), help="network preset (fkp_core.model.MODEL_PRESETS)")
+    g.add_argument("--input-size", type=int, default=None, help="crop side in pixels (default: the preset's)")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the (weighted) training set")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step per worker")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (not on norms/biases)")
+    g.add_argument("--schedule", default=d.schedule, choices=["cosine", "step", "constant"], help="learning-rate schedule after warm-up")
+    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up length")
+    g.add_argument("--loss", default=d.loss, choices=sorted(LOSSES), help="regression loss on [-1, 1] crop coordinates")
+    g.add_argument("--rotation", type=float, default=a.rotation, help="max in-plane rotation of training crops, degrees")
+    g.add_argument("--occlusion", type=float, default=a.occlusion, help="probability of a random occluding rectangle")
+    g.add_argument("--no-photometric", action="store_true", help="turn off brightness/contrast/blur/noise augmentation")
+    g.add_argument("--seed", type=int, default=d.seed, help="seeds initialisation, sampling and augmentation")
+    g = p.add_argument_group("workers")
+    g.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (default: one per GPU, else one per --cpus-per-worker CPUs of the cluster)")
+    g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (torch threads = max(1, floor))")
+    g.add_argument("--loader-workers", type=int, default=None, help="data-loading processes per worker (default: CPUs per worker - 1)")
+    g.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPU share per worker when training on GPUs (below 1 lets several runs share a GPU)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: GPUs when the cluster has them")
+    g.add_argument("--max-failures", type=int, default=2, help="times a failed worker group is restarted from the last checkpoint")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", default="runs/model", help="where the release model (NAME.pt + NAME.json) is written")
+    g.add_argument("--name", default="fkp", help="run name: the model's file name and the checkpoint folder under --storage")
+    g.add_argument("--storage", default=None, help="checkpoint root, an absolute path or URI (shared storage on a multi-node cluster); default: OUTPUT/checkpoints")
+    add_common_flags(p)
+    return p
+
+
+# ------------------------------------------------------------------------------------------
+# data dir and download
+# ------------------------------------------------------------------------------------------
+
+
+def download_course_data(url: str, dest: Path) -> Path:
+    """Fetch the course archive and unpack it so that ``dest`` holds the course layout."""
+    from fkp_core.dataset import detect_kind
+
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        archive = Path(tmp) / "train-test-data.zip"
+        log.info("downloading %s", url)
+        try:
+            with urllib.request.urlopen(url, timeout=60) as resp, open(archive, "wb") as out:
+                shutil.copyfileobj(resp, out)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot download {url}: {exc}") from exc
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                unpacked = Path(tmp) / "unpacked"
+                for member in zf.infolist():
+                    target = (unpacked / member.filename).resolve()
+                    if not str(target).startswith(str(unpacked.resolve())):
+                        raise UsageError(f"{url}: archive member {member.filename!r} escapes the target folder")
+                zf.extractall(unpacked)
+        except zipfile.BadZipFile as exc:
+            raise UsageError(f"{url}: not a zip archive ({exc})") from exc
+        # the layout may sit at the top of the archive or one folder down
+        candidates = [unpacked, *[p for p in unpacked.iterdir() if p.is_dir()]]
+        root = next((c for c in candidates if (c / "training_frames_keypoints.csv").is_file()), None)
+        if root is None:
+            raise UsageError(f"{url}: archive does not hold training_frames_keypoints.csv")
+        for item in root.iterdir():
+            if item.name.startswith("__MACOSX"):
+                continue
+            target = dest / item.name
+            if not target.exists():
+                shutil.move(str(item), str(target))
+    detect_kind(dest)
+    return dest
+
+
+def resolve_sources(args: argparse.Namespace):
+    """The training and validation-only sources named by the flags, checked to exist."""
+    from fkp_core.dataset import DatasetError, parse_source
+
+    specs = args.data or [str(default_data_dir())]
+    if args.download and not args.data:
+        target = default_data_dir()
+        if not (target / "training_frames_keypoints.csv").is_file():
+            download_course_data(args.download_url, target)
+    try:
+        train = [parse_source(s) for s in specs]
+        val = [parse_source(s) for s in args.val_data]
+    except DatasetError as exc:
+        if not args.data:
+            raise UsageError(
+                f"{exc}. Get the course data with --download (fetches {PUBLIC_ARCHIVE_URL}), "
+                "point --data at it, or set FKP_DATA"
+            ) from None
+        raise UsageError(str(exc)) from None
+    labels = [s.label for s in train + val]
+    if len(set(labels)) != len(labels):
+        raise UsageError(f"data sources need distinct names, got {labels}")
+    for src in train + val:  # read once here: a bad row or image fails now, in one line, not in every worker
+        try:
+            n = len(src.read("training") if src.kind == "course" else src.read())
+        except DatasetError as exc:
+            raise UsageError(str(exc)) from None
+        log.info("data source %s (%s): %d faces, weight %g", src.label, src.path, n, src.weight)
+    return train, val
+
+
+# ------------------------------------------------------------------------------------------
+# the per-worker loop (runs inside Ray Train workers)
+# ------------------------------------------------------------------------------------------
+
+
+def _source_dicts(sources) -> list[dict]:
+    return [{"kind": s.kind, "path": str(s.path.resolve()), "weight": s.weight, "name": s.label} for s in sources]
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import numpy as np
+    import ray.train
+    import ray.train.torch
+    import torch
+    from torch.utils.data import DataLoader
+
+    from fkp_core.dataset import DataSource, split_by_identity
+    from fkp_core.model import build_model
+    from fkp_core.training import (
+        TrainConfig,
+        WeightedDistributedSampler,
+        make_datasets,
+        make_optimizer,
+        source_weights,
+        train_epoch,
+        validation_nme,
+    )
+
+    cfg = TrainConfig.from_dict(config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config["threads"])))
+    torch.manual_seed(cfg.seed)
+    device = ray.train.torch.get_device()
+    wlog = logging.getLogger("fkp.train.worker")
+    if rank == 0:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+
+    train_sources = [DataSource(**{**s, "path": Path(s["path"])}) for s in config["sources"]]
+    val_sources = [DataSource(**{**s, "path": Path(s["path"])}) for s in config["val_sources"]]
+    train_records, val_records = [], []
+    for src in train_sources:
+        tr, va = split_by_identity(src.read("training"), cfg.val_fraction)
+        train_records += tr
+        val_records += va
+    for src in val_sources:
+        val_records += src.read("training") if src.kind == "course" else src.read()
+
+    preset = build_model(cfg.model, **({"input_size": cfg.input_size} if cfg.input_size else {}))
+    mcfg = preset.config
+    train_ds, val_ds = make_datasets(train_records, val_records, cfg, mcfg.input_size, mcfg.crop_margin)
+    weights = source_weights(train_records, {s.label: s.weight for s in train_sources})
+    sampler = WeightedDistributedSampler(weights, len(train_records), rank, world, cfg.seed)
+    loader_workers = config["loader_workers"]
+    common = dict(num_workers=loader_workers, persistent_workers=loader_workers > 0, pin_memory=device.type == "cuda")
+    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
+    val_loader = DataLoader(val_ds, batch_size=256, shuffle=False, **common)
+
+    model = ray.train.torch.prepare_model(preset)  # moves to the worker's device, wraps in DDP when world > 1
+    core = model.module if hasattr(model, "module") else model
+    optimizer, scheduler = make_optimizer(model, cfg, len(train_loader))
+
+    start_epoch, best = 0, {"epoch": -1, SELECTION_METRIC: float("inf")}
+    best_state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckdir:
+            state = torch.load(Path(ckdir) / "state.pt", map_location=device, weights_only=True)
+            core.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            best_state = torch.load(Path(ckdir) / "best.pt", map_location="cpu", weights_only=True)
+            meta = json.loads((Path(ckdir) / "progress.json").read_text())
+        if meta["train"] != json.loads(json.dumps(config["train"])):
+            raise RuntimeError("the checkpoint under this --storage/--name was made with other settings: use another --name")
+        start_epoch, best = meta["epoch"] + 1, meta["best"]
+        if rank == 0:
+            wlog.info("resuming from epoch %d (best so far: epoch %d, val NME %.4f)", start_epoch, best["epoch"], best[SELECTION_METRIC])
+
+    train_names = [s.label for s in train_sources]
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        train_ds.set_epoch(epoch)
+        stats = train_epoch(model, train_loader, optimizer, scheduler, cfg.loss, device)
+        per_source = validation_nme(core, val_loader, device, val_ds.sources)
+        selection = float(np.mean([per_source[n] for n in train_names if n in per_source])) if per_source else float("nan")
+        metrics = {
+            "epoch": epoch,
+            "loss": stats["loss"],
+            "images_per_s": stats["images_per_s"] * world,
+            "lr": scheduler.get_last_lr()[0],
+            SELECTION_METRIC: selection,
+            **{f"val_nme/{k}": v for k, v in per_source.items()},
+        }
+        improved = selection < best[SELECTION_METRIC]
+        if improved:
+            best = {"epoch": epoch, SELECTION_METRIC: selection, **{f"val_nme/{k}": v for k, v in per_source.items()}}
+            best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
+        if rank == 0:
+            wlog.info(
+                "epoch %d/%d  loss %.4f  val NME %s  %s%.0f img/s",
+                epoch + 1, cfg.epochs, stats["loss"],
+                " ".join(f"{k}={v:.4f}" for k, v in per_source.items()), "(best) " if improved else "", metrics["images_per_s"],
+            )
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, Path(tmp) / "state.pt")
+                torch.save(best_state, Path(tmp) / "best.pt")
+                progress = {"epoch": epoch, "best": best, "train": config["train"], "model_config": core.config.to_dict(),
+                            "counts": {"train": len(train_records), "val": len(val_records)}}
+                (Path(tmp) / "progress.json").write_text(json.dumps(progress))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+
+# ------------------------------------------------------------------------------------------
+# driver
+# ------------------------------------------------------------------------------------------
+
+
+def _worker_plan(args: argparse.Namespace) -> tuple[int, bool]:
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if args.device == "cuda" and gpus == 0:
+        raise UsageError("--device cuda, but the Ray cluster has no GPU")
+    use_gpu = args.device == "cuda" or (args.device == "auto" and gpus > 0)
+    if args.num_workers is not None:
+        return args.num_workers, use_gpu
+    if use_gpu:
+        return max(1, int(gpus // args.gpus_per_worker)), True
+    return max(1, int(resources.get("CPU", 1) // args.cpus_per_worker)), False
+
+
+def export_release(checkpoint_dir: Path, output: Path, name: str, extra: dict[str, Any]) -> Path:
+    """Write the best weights of a finished run's checkpoint as a release model."""
+    import torch
+
+    from fkp_core.model import KeypointNet, ModelConfig
+    from fkp_core.weights import save_model
+
+    progress = json.loads((checkpoint_dir / "progress.json").read_text())
+    model = KeypointNet(ModelConfig.from_dict(progress["model_config"]))
+    model.load_state_dict(torch.load(checkpoint_dir / "best.pt", map_location="cpu", weights_only=True))
+    meta = {
+        "trained": {
+            **extra,
+            "train_config": progress["train"],
+            "epochs_run": progress["epoch"] + 1,
+            "best_epoch": progress["best"]["epoch"] + 1,
+            "samples": progress["counts"],
+        },
+        "metrics": {"validation": {k: v for k, v in progress["best"].items() if k != "epoch"}},
+        "normalization": {
+            "input": "gray in [0, 1], then (x - input_mean) / input_std inside the network",
+            "keypoints": "[-1, 1] over the square face crop (crop_margin around the face box)",
+            "face_box": "fkp_core.transforms.box_from_keypoints (Haar-like framing)",
+        },
+    }
+    return save_model(model, output / name, meta)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fkp_core.training import TrainConfig
+    from fkp_core.transforms import AugmentConfig
+
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
+        raise UsageError("--epochs and --batch-size must be >= 1 and --lr > 0")
+    if not 0 < args.val_fraction < 1:
+        raise UsageError("--val-fraction must be in (0, 1)")
+    if args.cpus_per_worker <= 0:
+        raise UsageError("--cpus-per-worker must be > 0")
+    if args.storage and "://" not in args.storage and not os.path.isabs(args.storage):
+        raise UsageError("--storage must be an absolute path or a URI (Ray Train requires it)")
+    train_sources, val_sources = resolve_sources(args)
+    output = Path(args.output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--output {output}: {exc.strerror}") from None
+    storage = args.storage or str((output / "checkpoints").resolve())
+
+    cfg = TrainConfig(
+        model=args.model, input_size=args.input_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs, loss=args.loss,
+        val_fraction=args.val_fraction, seed=args.seed,
+        loader_workers=args.loader_workers if args.loader_workers is not None else max(0, int(args.cpus_per_worker) - 1),
+        augment=replace(AugmentConfig(), rotation=args.rotation, occlusion=args.occlusion, photometric=not args.no_photometric),
+    )
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    mode = init_ray()
+    num_workers, use_gpu = _worker_plan(args)
+    log.info("training %s on %d %s worker(s) (%s Ray), checkpoints in %s/%s", args.model, num_workers,
+             "GPU" if use_gpu else "CPU", mode, storage, args.name)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": cfg.to_dict(), "threads": args.cpus_per_worker, "loader_workers": cfg.loader_workers,
+            "sources": _source_dicts(train_sources), "val_sources": _source_dicts(val_sources),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": args.cpus_per_worker, **({"GPU": args.gpus_per_worker} if use_gpu else {})}
+        ),
+        run_config=ray.train.RunConfig(
+            name=args.name,
+            storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=args.max_failures),
+        ),
+    )
+    started = time.time()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        log.error("training failed: %s", exc)
+        return EXIT_FAILED
+    if result.checkpoint is None:
+        log.error("training produced no checkpoint")
+        return EXIT_FAILED
+    import torch
+
+    extra = {
+        "command": "python -m jobs.train " + " ".join(sys.argv[1:] if args._argv is None else args._argv),
+        "sources": _source_dicts(train_sources),
+        "val_sources": _source_dicts(val_sources),
+        "workers": num_workers,
+        "device": "cuda" if use_gpu else "cpu",
+        "gpu": torch.cuda.get_device_name(0) if use_gpu and torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds_this_session": round(time.time() - started, 1),
+    }
+    with result.checkpoint.as_directory() as ckdir:
+        path = export_release(Path(ckdir), output, args.name, extra)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    best = meta["metrics"]["validation"]
+    log.info("best epoch %d: %s", meta["trained"]["best_epoch"], ", ".join(f"{k}={v:.4f}" for k, v in best.items()))
+    print(f"model written to {path} (+ {path.with_suffix('.json').name})")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+
+    def _run(args: argparse.Namespace) -> int:
+        args._argv = argv
+        return run(args)
+
+    return run_main("jobs.train", parser, _run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
