@@ -65,3 +65,15 @@ CONTOURS: tuple[tuple[range, bool], ...] = (
     (OUTER_LIPS, True),
     (INNER_LIPS, True),
 )
+
+# More named landmarks (head pose and tracking reason about them).
+RIGHT_BROW_OUTER = 17
+RIGHT_BROW_INNER = 21
+LEFT_BROW_INNER = 22
+LEFT_BROW_OUTER = 26
+NASION = 27  # top of the nose bridge, between the eyes
+RIGHT_NOSTRIL = 31  # the nose bottom's subject-right end
+SUBNASALE = 33  # the nose bottom's centre
+LEFT_NOSTRIL = 35
+RIGHT_EYE_INNER = 39
+LEFT_EYE_INNER = 42

@@ -65,6 +65,8 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "small": ModelConfig(stem=24, widths=(24, 48, 96, 192), depths=(1, 1, 2, 1)),
     "base": ModelConfig(),
     "deep": ModelConfig(depths=(2, 2, 3, 1)),
+    "hm": ModelConfig(head="heatmap", head_hidden=64, heatmap_stride=8),
+    "hm-deep": ModelConfig(head="heatmap", head_hidden=64, heatmap_stride=8, depths=(2, 2, 3, 1)),
     "large": ModelConfig(input_size=128, widths=(32, 64, 128, 256), depths=(2, 2, 2, 1)),
 }
 

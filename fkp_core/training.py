@@ -24,7 +24,7 @@ from fkp_core.transforms import AugmentConfig, Compose, Sample, eval_transform, 
 class TrainConfig:
     """Everything that decides what a training run learns (recorded in the model's metadata)."""
 
-    model: str = "base"
+    model: str = "hm"
     input_size: int | None = None  # overrides the preset's
     epochs: int = 120
     batch_size: int = 64  # per worker
@@ -77,6 +77,14 @@ class KeypointDataset(Dataset):
         sample = self.transform(Sample(self._images[i], self.records[i].keypoints.copy()), rng)
         image, keypoints = to_tensors(sample)
         return image, keypoints, self._source_index[i]
+
+
+def loader_worker_init(_worker_id: int) -> None:
+    """One thread per data-loading process: many processes already share the cores."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
 
 
 class WeightedDistributedSampler(Sampler[int]):

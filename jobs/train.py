@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss", default=d.loss, choices=sorted(LOSSES), help="regression loss on [-1, 1] crop coordinates")
     g.add_argument("--rotation", type=float, default=a.rotation, help="max in-plane rotation of training crops, degrees")
     g.add_argument("--occlusion", type=float, default=a.occlusion, help="probability of a random occluding rectangle")
+    g.add_argument("--flip", type=float, default=a.flip, help="probability of a horizontal flip (points relabelled by the iBUG permutation)")
     g.add_argument("--no-photometric", action="store_true", help="turn off brightness/contrast/blur/noise augmentation")
     g.add_argument("--seed", type=int, default=d.seed, help="seeds initialisation, sampling and augmentation")
     g = p.add_argument_group("workers")
@@ -193,6 +194,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from fkp_core.training import (
         TrainConfig,
         WeightedDistributedSampler,
+        loader_worker_init,
         make_datasets,
         make_optimizer,
         source_weights,
@@ -226,7 +228,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     weights = source_weights(train_records, {s.label: s.weight for s in train_sources})
     sampler = WeightedDistributedSampler(weights, len(train_records), rank, world, cfg.seed)
     loader_workers = config["loader_workers"]
-    common = dict(num_workers=loader_workers, persistent_workers=loader_workers > 0, pin_memory=device.type == "cuda")
+    common = dict(num_workers=loader_workers, persistent_workers=loader_workers > 0, pin_memory=device.type == "cuda",
+                  worker_init_fn=loader_worker_init if loader_workers > 0 else None)
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
     val_loader = DataLoader(val_ds, batch_size=256, shuffle=False, **common)
 
@@ -360,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs, loss=args.loss,
         val_fraction=args.val_fraction, seed=args.seed,
         loader_workers=args.loader_workers if args.loader_workers is not None else max(0, int(args.cpus_per_worker) - 1),
-        augment=replace(AugmentConfig(), rotation=args.rotation, occlusion=args.occlusion, photometric=not args.no_photometric),
+        augment=replace(AugmentConfig(), rotation=args.rotation, occlusion=args.occlusion, flip=args.flip, photometric=not args.no_photometric),
     )
     import ray
     import ray.train

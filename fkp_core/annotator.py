@@ -1,0 +1,272 @@
+"""Consecutive frames of one segment -> per-face rows: detect, crop, predict, track.
+
+The library half of the annotate job, with no Ray in it: the job hands an iterator of decoded
+frames and a ``predict_crops`` callable (a local network, or a call to a model actor that
+batches crops from many segments on a GPU) and gets back the segment's rows.
+
+Two ways through the frames:
+
+* ``detect_every == 1``: Haar on every frame; frames are processed in chunks so that all the
+  chunk's faces go through the network in one batch (then once more, re-cropped around the
+  first prediction, when ``refine`` is on).
+* ``detect_every == K > 1`` (the fast path): Haar every K frames; in between, each tracked face
+  is cropped around its previous keypoints (the framing the model was trained on) and predicted
+  again. A face whose fit is lost (consistency below ``min_confidence``) triggers a detection on
+  that very frame.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fkp_core.constants import NUM_KEYPOINTS
+from fkp_core.detector import FaceDetector, iou
+from fkp_core.tables import FaceColumns
+from fkp_core.tracking import SCENE_CUT_THRESHOLD, Tracker, TrackerConfig, cut_score, frame_signature, keypoint_consistency
+from fkp_core.transforms import box_from_keypoints, crop_face, to_gray, uncrop_keypoints
+
+PredictFn = Callable[[np.ndarray], np.ndarray]  # (N, S, S) uint8 crops -> (N, 68, 2) in [-1, 1]
+
+
+@dataclass(frozen=True)
+class AnnotateConfig:
+    """How a segment is annotated (shared by every segment of a run)."""
+
+    detect_every: int = 1
+    refine: int = 1  # extra CNN passes re-cropped around the prediction, on detection frames
+    chunk_frames: int = 16  # frames per CNN batch when detecting every frame
+    min_confidence: float = 0.5  # fast path: below this a tracked face is re-detected at once
+    min_face: int = 0  # faces smaller than this many pixels (box side) are ignored
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+
+
+@dataclass
+class SegmentStats:
+    """What a segment did, for the per-video table and the benchmark."""
+
+    frames: int = 0
+    faces: int = 0
+    detections: int = 0  # frames on which the detector ran
+    cuts: list[int] = field(default_factory=list)  # frames that start a new shot (tracks were reset before them)
+    head_signature: list[float] = field(default_factory=list)  # tracking.frame_signature of the first frame ...
+    tail_signature: list[float] = field(default_factory=list)  # ... and of the last: cuts at segment boundaries
+    seconds: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "detect": 0.0, "cnn": 0.0, "other": 0.0})
+
+    def to_dict(self) -> dict:
+        return {"frames": self.frames, "faces": self.faces, "detections": self.detections, "cuts": list(self.cuts),
+                "head_signature": list(self.head_signature), "tail_signature": list(self.tail_signature),
+                "seconds": dict(self.seconds)}
+
+
+@dataclass
+class _Frame:
+    index: int
+    timestamp: float
+    gray: np.ndarray
+    cut: bool = False  # first frame of a new shot
+
+
+class SegmentAnnotator:
+    """Annotates one segment's frames in order; keeps the segment's track state."""
+
+    def __init__(self, predict_crops: PredictFn, input_size: int, margin: float, detector: FaceDetector, config: AnnotateConfig):
+        if config.detect_every < 1:
+            raise ValueError("detect_every must be >= 1")
+        self.predict_crops = predict_crops
+        self.size = input_size
+        self.margin = margin
+        self.detector = detector
+        self.config = config
+        self.tracker = Tracker(config.tracker)
+        self.stats = SegmentStats()
+        self._parts: list[FaceColumns] = []
+        self._prev_signature: np.ndarray | None = None
+
+    # ---- public ----
+
+    def run(self, frames: Iterable, previous_frame: np.ndarray | None = None) -> FaceColumns:
+        """Annotate every frame (objects with ``index``, ``timestamp_s``, ``image``); returns the rows.
+
+        ``previous_frame`` is the frame before the segment (None at the start of a video): a scene
+        cut between it and the first frame is recorded so that tracks are not stitched across it.
+        """
+        if previous_frame is not None:
+            self._prev_signature = frame_signature(to_gray(previous_frame))
+        it = self._timed_frames(frames)
+        if self.config.detect_every == 1:
+            self._run_detect_every_frame(it)
+        else:
+            self._run_fast_path(it)
+        return self.result()
+
+    def result(self) -> FaceColumns:
+        """The rows so far (all of them after run(); those before the failure when decoding broke off)."""
+        return FaceColumns.concat(self._parts)
+
+    # ---- internals ----
+
+    def _timed_frames(self, frames: Iterable) -> Iterator[_Frame]:
+        iterator = iter(frames)
+        signature = None
+        while True:
+            t0 = time.perf_counter()
+            try:
+                f = next(iterator)
+            except StopIteration:
+                break
+            gray = to_gray(np.asarray(f.image))
+            t1 = time.perf_counter()
+            self.stats.seconds["decode"] += t1 - t0
+            self.stats.frames += 1
+            signature = frame_signature(gray)
+            if not self.stats.head_signature:
+                self.stats.head_signature = signature.tolist()
+            cut = self._prev_signature is not None and cut_score(self._prev_signature, signature) > SCENE_CUT_THRESHOLD
+            if cut:
+                self.tracker.reset()
+                self.stats.cuts.append(int(f.index))
+            self._prev_signature = signature
+            self.stats.seconds["other"] += time.perf_counter() - t1
+            yield _Frame(int(f.index), float(f.timestamp_s), gray, cut)
+        if signature is not None:
+            self.stats.tail_signature = signature.tolist()
+
+    def _detect(self, gray: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        boxes = self.detector.detect(gray)
+        if self.config.min_face and len(boxes):
+            boxes = boxes[np.minimum(boxes[:, 2], boxes[:, 3]) >= self.config.min_face]
+        self.stats.seconds["detect"] += time.perf_counter() - t0
+        self.stats.detections += 1
+        return boxes
+
+    def _predict(self, grays: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray]:
+        """Keypoints (Ni, 68, 2) in frame pixels for the boxes of each frame, one network call."""
+        t0 = time.perf_counter()
+        crops, mats, owner = [], [], []
+        for i, (g, bxs) in enumerate(zip(grays, boxes)):
+            for b in bxs:
+                c, m = crop_face(g, b, self.size, self.margin)
+                crops.append(c)
+                mats.append(m)
+                owner.append(i)
+        t1 = time.perf_counter()
+        out = [np.zeros((0, NUM_KEYPOINTS, 2), np.float32) for _ in grays]
+        if crops:
+            pred = np.asarray(self.predict_crops(np.stack(crops)))
+            t2 = time.perf_counter()
+            per: list[list[np.ndarray]] = [[] for _ in grays]
+            for o, kp, m in zip(owner, pred, mats):
+                per[o].append(uncrop_keypoints(kp, m, self.size))
+            out = [np.stack(p).astype(np.float32) if p else out[i] for i, p in enumerate(per)]
+            self.stats.seconds["cnn"] += t2 - t1
+            self.stats.seconds["other"] += (t1 - t0) + (time.perf_counter() - t2)
+        else:
+            self.stats.seconds["other"] += t1 - t0
+        return out
+
+    def _predict_refined(self, grays: list[np.ndarray], boxes: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Keypoints after ``refine`` re-crops, and the consistency of the last pass with its crop."""
+        kps = self._predict(grays, boxes)
+        crop_boxes = boxes
+        for _ in range(self.config.refine):
+            crop_boxes = [box_from_keypoints(k) if len(k) else b for k, b in zip(kps, boxes)]
+            kps = self._predict(grays, crop_boxes)
+        conf = [self._consistency(b, k) for b, k in zip(crop_boxes, kps)]
+        return kps, conf
+
+    @staticmethod
+    def _consistency(crop_boxes: np.ndarray, kps: np.ndarray) -> np.ndarray:
+        return np.array([keypoint_consistency(b, k) for b, k in zip(crop_boxes, kps)], np.float32).reshape(len(kps))
+
+    def _emit(self, frame: _Frame, boxes: np.ndarray, kps: np.ndarray, detected: np.ndarray, confidence: np.ndarray) -> None:
+        n = len(kps)
+        ids = self.tracker.update(frame.index, boxes, kps)
+        if n == 0:
+            return
+        order = np.argsort(boxes[:, 0], kind="stable")  # face_index: left to right
+        self.stats.faces += n
+        self._parts.append(
+            FaceColumns(
+                frame_index=np.full(n, frame.index, np.int64),
+                timestamp_s=np.full(n, frame.timestamp, np.float64),
+                face_index=np.arange(n, dtype=np.int32),
+                track_id=np.asarray(ids, np.int64)[order],
+                boxes=np.round(boxes[order]).astype(np.int32),
+                detected=np.asarray(detected, bool)[order],
+                confidence=np.asarray(confidence, np.float32)[order],
+                keypoints=kps[order],
+                keypoints_raw=kps[order],
+                pose=np.zeros((n, 3), np.float32),
+            )
+        )
+
+    def _run_detect_every_frame(self, frames: Iterator[_Frame]) -> None:
+        chunk: list[_Frame] = []
+        for frame in frames:
+            chunk.append(frame)
+            if len(chunk) >= self.config.chunk_frames:
+                self._flush_chunk(chunk)
+                chunk = []
+        if chunk:
+            self._flush_chunk(chunk)
+
+    def _flush_chunk(self, chunk: list[_Frame]) -> None:
+        grays = [f.gray for f in chunk]
+        boxes = [self._detect(g).astype(np.float64) for g in grays]
+        kps, conf = self._predict_refined(grays, boxes)
+        for f, b, k, c in zip(chunk, boxes, kps, conf):
+            self._emit(f, b, k, np.ones(len(k), bool), c)
+
+    def _run_fast_path(self, frames: Iterator[_Frame]) -> None:
+        K = self.config.detect_every
+        thr = self.config.min_confidence
+        prev = np.zeros((0, NUM_KEYPOINTS, 2), np.float32)
+        since = K  # frames since the last detection; K forces one on the first frame
+        for frame in frames:
+            if frame.cut:  # a new shot: nothing carries over, look again
+                prev, since = prev[:0], K
+            # every tracked face: crop around its previous keypoints, predict again
+            t_boxes = box_from_keypoints(prev) if len(prev) else np.zeros((0, 4))
+            t_kps = self._predict([frame.gray], [t_boxes])[0] if len(prev) else prev
+            t_conf = self._consistency(t_boxes, t_kps)
+            t_kps, t_boxes, t_conf = _dedupe(t_kps, t_boxes, t_conf)
+            ok = t_conf >= thr
+            if since >= K or not ok.all():
+                since = 1
+                boxes = self._detect(frame.gray).astype(np.float64)
+                kept_boxes = box_from_keypoints(t_kps[ok]) if ok.any() else np.zeros((0, 4))
+                matched = np.zeros(int(ok.sum()), bool)
+                new = np.ones(len(boxes), bool)
+                if len(boxes) and ok.any():
+                    overlap = iou(boxes, kept_boxes) > 0.3
+                    new = ~overlap.any(axis=1)
+                    matched = overlap.any(axis=0)
+                d_kps, d_conf = self._predict_refined([frame.gray], [boxes[new]])
+                out_kps = np.concatenate([t_kps[ok], d_kps[0]]).astype(np.float32)
+                out_boxes = np.concatenate([t_boxes[ok], boxes[new]])
+                detected = np.concatenate([matched, np.ones(int(new.sum()), bool)])
+                out_conf = np.concatenate([t_conf[ok], d_conf[0]])
+            else:
+                since += 1
+                out_kps, out_boxes, detected, out_conf = t_kps, t_boxes, np.zeros(len(t_kps), bool), t_conf
+            self._emit(frame, out_boxes, out_kps, detected, out_conf)
+            prev = out_kps
+
+
+def _dedupe(kps: np.ndarray, boxes: np.ndarray, conf: np.ndarray, max_iou: float = 0.5):
+    """Two tracks that converged on one face: keep the more confident."""
+    if len(kps) < 2:
+        return kps, boxes, conf
+    order = np.argsort(-conf, kind="stable")
+    fitted = box_from_keypoints(kps)
+    keep: list[int] = []
+    for i in order:
+        if not keep or iou(fitted[i : i + 1], fitted[keep]).max() <= max_iou:
+            keep.append(int(i))
+    keep.sort()
+    return kps[keep], boxes[keep], conf[keep]

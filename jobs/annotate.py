@@ -1,0 +1,635 @@
+"""Annotate videos (and images) with 68 facial keypoints per face per frame, on Ray; Parquet out.
+
+    python -m jobs.annotate videos/ --out landmarks.parquet [--render out/ --filter sunglasses]
+
+Each video is cut into segments of ``--segment-frames`` consecutive frames, so one long video
+spreads over every worker. A segment task decodes its frames, detects faces (Haar), crops them
+and runs the CNN (in the task on CPU; on GPU clusters through model actors that batch the crops
+of many segments), and writes its rows atomically under OUT/_segments. When a video's segments
+are all there, a finalize task stitches track ids across segment boundaries, smooths each track,
+estimates head pose and writes OUT/part-<video_id>.parquet and the video's status record; the
+per-video table OUT/_videos.parquet is rebuilt from those records at the end of every run.
+
+Re-running the same command finishes what an interrupted run left (finished videos and written
+segments are skipped), never duplicating rows. Exit codes: 0 all videos ok, 1 some video failed
+or was only partly decoded, 2 usage error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections import defaultdict, deque
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from jobs.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    Parser,
+    UsageError,
+    add_common_flags,
+    cluster_node_count,
+    init_ray,
+    run_main,
+)
+
+log = logging.getLogger("fkp.annotate")
+
+DEFAULT_SEGMENT_FRAMES = 600
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fkp_core.filters import FILTERS
+
+    p = Parser(prog="python -m jobs.annotate", description=__doc__.split("\n\n")[0])
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="video/image files, directories (searched recursively) or glob patterns")
+    p.add_argument("--out", required=True, help="output folder (local path or pyarrow filesystem URI such as s3://bucket/run)")
+    p.add_argument("--render", metavar="DIR", default=None, help="also write one annotated video (or image) per input to DIR")
+    p.add_argument("--filter", default="keypoints", metavar="NAMES",
+                   help=f"comma-separated overlays for --render, applied in order: {', '.join(sorted(FILTERS))}")
+    p.add_argument("--model", default=None, help="model file (NAME.pt with NAME.json beside it); default: the bundled model")
+    p.add_argument("--overwrite", action="store_true", help="redo videos that are already finished in --out")
+    g = p.add_argument_group("speed and accuracy")
+    g.add_argument("--segment-frames", type=int, default=DEFAULT_SEGMENT_FRAMES, help="frames per work unit; a long video spreads over ceil(frames / this) tasks")
+    g.add_argument("--detect-every", type=int, default=1, metavar="K",
+                   help="run the face detector every K frames and track faces from their keypoints in between (fast path); 1 = detect on every frame")
+    g.add_argument("--detect-scale", type=float, default=0.5, help="detect on a frame scaled by this factor (faster; faces smaller than --min-face / scale are missed)")
+    g.add_argument("--min-face", type=int, default=40, help="smallest face to detect, in pixels of the full frame")
+    g.add_argument("--detector", default="fast", choices=["fast", "recall"], help="Haar preset: fast = frontal cascade; recall = frontal + profile cascades, more faces, ~3x slower")
+    g.add_argument("--refine", type=int, default=1, help="extra CNN passes re-cropped around the prediction on detection frames")
+    g.add_argument("--no-smooth", action="store_true", help="do not smooth keypoints over time (the raw CNN output is kept in keypoints_raw either way)")
+    g = p.add_argument_group("resources")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the CNN runs; auto: on GPU model actors when the cluster has GPUs")
+    g.add_argument("--model-actors", type=int, default=None,
+                   help="model actors that batch face crops across segments (default: one per GPU on GPU clusters, 0 on CPU = the CNN runs inside each segment task)")
+    g.add_argument("--cpus-per-segment", type=float, default=1.0, help="CPUs reserved per segment task")
+    g.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance when no RAY_ADDRESS is set (default: all)")
+    g.add_argument("--max-retries", type=int, default=3, help="times Ray re-runs a segment whose worker died")
+    add_common_flags(p)
+    return p
+
+
+# ------------------------------------------------------------------------------------------
+# settings shipped to every task
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    out: str
+    model: str
+    model_name: str
+    device: str  # cpu | cuda (for actors); segment tasks run the CNN on CPU unless actors are used
+    haar: Any
+    annotate: Any
+    smooth: bool
+    render: str | None
+    filters: tuple[str, ...]
+    segment_frames: int
+
+
+@dataclass
+class VideoPlan:
+    path: str
+    video_id: str
+    info: dict | None = None
+    error: str | None = None
+    segments: list[tuple[int, int | None]] = field(default_factory=list)
+    done: dict[int, dict] = field(default_factory=dict)  # segment start -> stats
+    started: float = 0.0
+
+
+def segment_name(start: int, end: int | None) -> str:
+    return f"{start:010d}-{'end' if end is None else f'{end:010d}'}.parquet"
+
+
+def plan_segments(frames: int, exact: bool, segment_frames: int) -> list[tuple[int, int | None]]:
+    """Deterministic [start, end) ranges; the last one open-ended when the frame count is an estimate."""
+    if frames <= 0:
+        return [(0, None)]
+    bounds = list(range(0, frames, segment_frames))
+    segs: list[tuple[int, int | None]] = [(s, min(s + segment_frames, frames)) for s in bounds]
+    if not exact:
+        segs[-1] = (segs[-1][0], None)
+    return segs
+
+
+# ------------------------------------------------------------------------------------------
+# worker side
+# ------------------------------------------------------------------------------------------
+
+_PREDICTORS: dict[tuple[str, str], Any] = {}
+
+
+def _local_landmarker(model: str, device: str):
+    """One network per worker process (Ray reuses workers, so it is loaded once, not per task)."""
+    key = (model, device)
+    if key not in _PREDICTORS:
+        import torch
+
+        from fkp_core.detector import NO_BOXES
+        from fkp_core.landmarks import Landmarker
+
+        class _NoDetector:
+            def detect(self, image):
+                return NO_BOXES.copy()
+
+        torch.set_num_threads(1)
+        _PREDICTORS[key] = Landmarker(model, detector=_NoDetector(), device=device)
+    return _PREDICTORS[key]
+
+
+class ModelActor:
+    """Holds the network (on a GPU when it has one) and batches crops from concurrent segment calls."""
+
+    def __init__(self, model: str, device: str, max_batch: int = 1024):
+        import torch
+
+        if device == "cpu":
+            torch.set_num_threads(1)
+        self.lm = _local_landmarker(model, device)
+        self.max_batch = max_batch
+        self.pending: deque = deque()
+        self.draining = False
+        self.batches = 0
+        self.crops = 0
+
+    async def predict(self, crops):
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.pending.append((crops, fut))
+        if not self.draining:
+            self.draining = True
+            loop.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        import numpy as np
+
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.sleep(0)  # let requests that arrive together join one batch
+            while self.pending:
+                batch, total = [], 0
+                while self.pending and (not batch or total + len(self.pending[0][0]) <= self.max_batch):
+                    crops, fut = self.pending.popleft()
+                    batch.append((crops, fut))
+                    total += len(crops)
+                stacked = np.concatenate([c for c, _ in batch])
+                try:
+                    out = await loop.run_in_executor(None, self.lm.predict_crops, stacked)
+                except Exception as exc:  # noqa: BLE001 - handed to every caller of the batch
+                    for _, fut in batch:
+                        fut.set_exception(exc)
+                    continue
+                self.batches += 1
+                self.crops += total
+                pos = 0
+                for crops, fut in batch:
+                    fut.set_result(out[pos : pos + len(crops)])
+                    pos += len(crops)
+        finally:
+            self.draining = False
+
+    def stats(self) -> dict:
+        return {"batches": self.batches, "crops": self.crops, "pid": os.getpid()}
+
+
+def probe_video(path: str) -> dict:
+    """Probe in a task: the info dict, or the reason the file is unusable."""
+    from fkp_core.video import VideoError, probe
+
+    try:
+        info = probe(path)
+    except VideoError as exc:
+        return {"error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - any unreadable input is a failed item, not a crash
+        return {"error": f"{path}: {type(exc).__name__}: {exc}"}
+    return {"info": {"frames": int(info.frames), "fps": float(info.fps), "width": int(info.width), "height": int(info.height),
+                     "exact": bool(getattr(info, "frames_exact", True))}}
+
+
+def run_segment(path: str, video_id: str, start: int, end: int | None, settings: Settings, actors: list) -> dict:
+    """Annotate frames [start, end) of one video and write them atomically; idempotent."""
+    import json
+
+    import cv2
+    import numpy as np
+    import ray
+
+    from fkp_core.annotator import SegmentAnnotator
+    from fkp_core.detector import HaarDetector
+    from fkp_core.tables import faces_table, open_output
+    from fkp_core.video import DecodeStats, VideoError, read_frames
+
+    out = open_output(settings.out)
+    target = out.path("_segments", video_id, segment_name(start, end))
+    if out.exists(target):
+        meta = out.read_table(target).schema.metadata or {}
+        return {**json.loads(meta.get(b"fkp_stats", b"{}")), "skipped": True}
+    cv2.setNumThreads(1)
+    lm = _local_landmarker(settings.model, "cpu") if not actors else None
+    if actors:
+        actor = actors[hash((video_id, start)) % len(actors)]
+        predict = lambda crops: ray.get(actor.predict.remote(crops))  # noqa: E731
+        size, margin = _model_geometry(settings.model)
+    else:
+        predict, size, margin = lm.predict_crops, lm.size, lm.margin
+    annotator = SegmentAnnotator(predict, size, margin, HaarDetector(settings.haar), settings.annotate)
+    error = None
+    previous = None
+    t0 = time.perf_counter()
+    first = max(0, start - 1)  # the frame before the segment tells whether a scene cut falls on the boundary
+
+    decode = DecodeStats()
+
+    def frames():
+        nonlocal previous
+        for f in read_frames(path, first, end, gray=True, on_error="skip", stats=decode, threads=1):
+            if f.index < start:
+                previous = f.image
+                continue
+            yield f
+
+    try:
+        gen = frames()
+        first_frame = next(gen, None)
+        if first_frame is None:
+            cols = annotator.run([])
+        else:
+            import itertools
+
+            cols = annotator.run(itertools.chain([first_frame], gen), previous_frame=previous)
+    except VideoError as exc:
+        error = str(exc)
+        cols = annotator.result()
+    except Exception as exc:  # noqa: BLE001 - decoder crashes on corrupt data: record, keep the frames we have
+        error = f"{path}: {type(exc).__name__}: {exc}"
+        cols = annotator.result()
+    if error is None and decode.errors:
+        error = f"{path}: {len(decode.errors)} decoding error(s) in frames [{start}, {end if end is not None else 'end'}): {decode.errors[0]}"
+    stats = annotator.stats.to_dict()
+    stats.update({"start": start, "end": end, "error": error, "seconds_total": time.perf_counter() - t0})
+    t_write = time.perf_counter()
+    table = faces_table(video_id, path, cols)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"fkp_stats": json.dumps(stats).encode()})
+    out.write_table(target, table)
+    stats["seconds"]["write"] = time.perf_counter() - t_write
+    return stats
+
+
+_GEOMETRY: dict[str, tuple[int, float]] = {}
+
+
+def _model_geometry(model: str) -> tuple[int, float]:
+    if model not in _GEOMETRY:
+        from fkp_core.model import ModelConfig
+        from fkp_core.weights import read_metadata
+
+        cfg = ModelConfig.from_dict(read_metadata(model)["config"])
+        _GEOMETRY[model] = (cfg.input_size, cfg.crop_margin)
+    return _GEOMETRY[model]
+
+
+def finalize_video(plan: dict, settings: Settings) -> dict:
+    """Segments -> one ordered part file with global track ids, smoothed keypoints and head pose."""
+    import json
+
+    import numpy as np
+
+    from fkp_core.postprocess import postprocess_video
+    from fkp_core.tables import columns_from_table, faces_table, open_output
+
+    t0 = time.perf_counter()
+    out = open_output(settings.out)
+    info = plan["info"]
+    segments, cols = [], []
+    errors = []
+    for start, end in plan["segments"]:
+        table = out.read_table(out.path("_segments", plan["video_id"], segment_name(start, end)))
+        stats = json.loads((table.schema.metadata or {}).get(b"fkp_stats", b"{}"))
+        segments.append(stats)
+        cols.append(columns_from_table(table))
+        if stats.get("error"):
+            errors.append(stats["error"])
+    merged = postprocess_video(cols, segments, (info["width"], info["height"]), smooth=settings.smooth)
+    decoded = sum(s.get("frames", 0) for s in segments)
+    expected = info["frames"]
+    truncated = expected > 0 and info.get("exact", True) and decoded < expected
+    if decoded == 0:
+        status = "failed"
+        errors = errors or [f"{plan['path']}: no frame could be decoded"]
+    elif errors or truncated:
+        status = "partial"
+        if truncated and not errors:
+            errors = [f"{plan['path']}: decoded {decoded} of {expected} frames (file truncated?)"]
+    else:
+        status = "ok"
+    part = out.part_path(plan["video_id"])
+    if status != "failed":
+        out.write_table(part, faces_table(plan["video_id"], plan["path"], merged))
+    record = {
+        "video_id": plan["video_id"], "path": plan["path"], "status": status, "error": "; ".join(errors) or None,
+        "frames_expected": expected, "frames_decoded": decoded, "fps": info["fps"], "width": info["width"],
+        "height": info["height"], "frames_with_faces": int(len(np.unique(merged.frame_index))), "faces": int(len(merged)),
+        "tracks": int(len(np.unique(merged.track_id))), "segments": len(segments),
+        "seconds": float(sum(s.get("seconds_total", 0.0) for s in segments) + time.perf_counter() - t0),
+        "output": part if status != "failed" else None, "render": None, "model": settings.model_name,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "stage_seconds": {k: float(sum(s.get("seconds", {}).get(k, 0.0) for s in segments)) for k in ("decode", "detect", "cnn", "other", "write")},
+    }
+    out.write_json(out.status_path(plan["video_id"]), record)
+    out.remove_dir(out.segment_dir(plan["video_id"]))
+    return record
+
+
+def render_video(record: dict, settings: Settings) -> dict:
+    """Draw the chosen filters on every frame from the finished rows; one output per input."""
+    from fkp_core.render import render_annotated
+    from fkp_core.tables import open_output
+
+    out = open_output(settings.out)
+    rows = out.read_table(record["output"])
+    target = render_annotated(record["path"], record["video_id"], rows, settings.render, settings.filters)
+    record = {**record, "render": target}
+    out.write_json(out.status_path(record["video_id"]), record)
+    return record
+
+
+def failed_record(plan: VideoPlan, settings: Settings, reason: str) -> dict:
+    return {
+        "video_id": plan.video_id, "path": plan.path, "status": "failed", "error": reason,
+        "frames_expected": (plan.info or {}).get("frames"), "frames_decoded": 0, "fps": (plan.info or {}).get("fps"),
+        "width": (plan.info or {}).get("width"), "height": (plan.info or {}).get("height"), "frames_with_faces": 0,
+        "faces": 0, "tracks": 0, "segments": 0, "seconds": 0.0, "output": None, "render": None, "model": settings.model_name,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# driver
+# ------------------------------------------------------------------------------------------
+
+
+def _check_output(out) -> None:
+    probe_path = out.path(f"_write_test_{os.getpid()}")
+    try:
+        out.write_bytes(probe_path, b"ok")
+        out.fs.delete_file(probe_path)
+    except OSError as exc:
+        raise UsageError(f"--out {out.uri}: not writable ({exc})") from None
+
+
+def _check_shared(out, what: str) -> None:
+    """On a multi-node cluster, every node must see the same output folder."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not out.is_local or cluster_node_count() <= 1:
+        return
+    marker = out.path(f"_shared_check_{os.getpid()}")
+    out.write_bytes(marker, b"ok")
+
+    @ray.remote(num_cpus=0)
+    def sees(path: str) -> bool:
+        return os.path.exists(path)
+
+    try:
+        nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+        seen = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(marker) for n in nodes])
+    finally:
+        out.fs.delete_file(marker)
+    if not all(seen):
+        raise UsageError(
+            f"{what} {out.uri} is a local folder that {seen.count(False)} of {len(seen)} cluster nodes cannot see: "
+            "use shared storage (NFS) or an object-store URI such as s3://bucket/path"
+        )
+
+
+def _settings(args: argparse.Namespace, device: str) -> Settings:
+    from fkp_core.annotator import AnnotateConfig
+    from fkp_core.detector import HAAR_PRESETS
+    from fkp_core.filters import parse_filters
+    from fkp_core.weights import ModelFileError, default_model_path, load_model
+
+    if args.segment_frames < 1 or args.detect_every < 1 or args.refine < 0 or args.min_face < 1:
+        raise UsageError("--segment-frames, --detect-every and --min-face must be >= 1, --refine >= 0")
+    if not 0 < args.detect_scale <= 1:
+        raise UsageError("--detect-scale must be in (0, 1]")
+    try:
+        filters = tuple(parse_filters(args.filter))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    model_path = str(Path(args.model).resolve()) if args.model else str(default_model_path())
+    try:
+        loaded = load_model(model_path)
+    except ModelFileError as exc:
+        raise UsageError(str(exc)) from None
+    haar = replace(HAAR_PRESETS[args.detector], downscale=args.detect_scale, min_size=args.min_face)
+    return Settings(
+        out=args.out, model=model_path, model_name=f"{Path(model_path).stem} ({loaded.metadata.get('sha256', '')[:12]})",
+        device=device, haar=haar,
+        annotate=AnnotateConfig(detect_every=args.detect_every, refine=args.refine, min_face=args.min_face),
+        smooth=not args.no_smooth, render=args.render, filters=filters, segment_frames=args.segment_frames,
+    )
+
+
+def _is_finished(out, video_id: str, want_render: bool) -> dict | None:
+    path = out.status_path(video_id)
+    if not out.exists(path):
+        return None
+    record = out.read_json(path)
+    if record.get("status") not in ("ok", "partial") or not record.get("output") or not out.exists(record["output"]):
+        return None
+    if want_render and not (record.get("render") and os.path.exists(record["render"])):
+        return {**record, "_needs_render": True}
+    return record
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from fkp_core.tables import open_output, videos_table
+    from fkp_core.video import find_media, video_id
+
+    # ---- usage checks first: they need no Ray ----
+    try:
+        paths = find_media(args.inputs)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc).strip("'\"")) from None
+    if not paths:
+        raise UsageError(f"no videos or images found in {' '.join(args.inputs)}")
+    try:
+        out = open_output(args.out)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if out.is_local and Path(out.root).exists() and not Path(out.root).is_dir():
+        raise UsageError(f"--out {out.root} exists and is not a folder")
+    _check_output(out)
+    if args.render:
+        try:
+            Path(args.render).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--render {args.render}: {exc.strerror}") from None
+        args.render = str(Path(args.render).resolve())
+    settings = _settings(args, "cpu")  # validates flags and the model before Ray starts
+
+    import ray
+
+    mode = init_ray(num_cpus=args.num_cpus, quiet=not args.verbose)
+    _check_shared(out, "--out")
+    if args.render:
+        _check_shared(open_output(args.render), "--render")
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if args.device == "cuda" and gpus == 0:
+        raise UsageError("--device cuda, but the Ray cluster has no GPU")
+    use_gpu = args.device == "cuda" or (args.device == "auto" and gpus > 0)
+    n_actors = args.model_actors if args.model_actors is not None else (gpus if use_gpu else 0)
+    settings = replace(settings, device="cuda" if use_gpu else "cpu")
+    log.info("%d input(s); %s Ray with %d CPU / %d GPU; CNN %s", len(paths), mode,
+             int(ray.cluster_resources().get("CPU", 0)), gpus,
+             f"on {n_actors} model actor(s) ({settings.device})" if n_actors else "inside each segment task (CPU)")
+
+    plans = [VideoPlan(str(p), video_id(p)) for p in paths]
+    records: dict[str, dict] = {}
+    to_render: list[dict] = []
+    todo: list[VideoPlan] = []
+    for plan in plans:
+        if args.overwrite:
+            for path in (out.status_path(plan.video_id), out.part_path(plan.video_id)):
+                if out.exists(path):
+                    out.fs.delete_file(path)
+            out.remove_dir(out.segment_dir(plan.video_id))
+            continue_plan = True
+        else:
+            done = _is_finished(out, plan.video_id, bool(args.render))
+            continue_plan = done is None
+            if done is not None:
+                if done.pop("_needs_render", False):
+                    to_render.append(done)
+                else:
+                    records[plan.video_id] = done
+        if continue_plan:
+            todo.append(plan)
+    if len(todo) < len(plans):
+        log.info("%d of %d input(s) already finished in %s (use --overwrite to redo them)", len(plans) - len(todo), len(plans), out.uri)
+
+    actors = []
+    if n_actors and todo:
+        actor_cls = ray.remote(ModelActor).options(
+            num_cpus=1 if use_gpu else 0.5, num_gpus=1 if use_gpu else 0, max_restarts=-1, max_task_retries=-1, max_concurrency=64
+        )
+        actors = [actor_cls.remote(settings.model, settings.device) for _ in range(n_actors)]
+
+    probe_remote = ray.remote(probe_video).options(num_cpus=0.25, max_retries=args.max_retries)
+    segment_remote = ray.remote(run_segment).options(num_cpus=args.cpus_per_segment, max_retries=args.max_retries)
+    finalize_remote = ray.remote(finalize_video).options(num_cpus=0.25, max_retries=args.max_retries)
+    render_remote = ray.remote(render_video).options(num_cpus=1, max_retries=args.max_retries)
+
+    started = time.perf_counter()
+    probes = dict(zip([p.video_id for p in todo], ray.get([probe_remote.remote(p.path) for p in todo]))) if todo else {}
+    queue: deque = deque()
+    total_frames = 0
+    for plan in todo:
+        res = probes[plan.video_id]
+        if "error" in res:
+            plan.error = res["error"]
+            records[plan.video_id] = failed_record(plan, settings, plan.error)
+            out.write_json(out.status_path(plan.video_id), records[plan.video_id])
+            continue
+        plan.info = res["info"]
+        plan.segments = plan_segments(plan.info["frames"], plan.info["exact"], settings.segment_frames)
+        seg_dir = out.segment_dir(plan.video_id)
+        plan_file = out.path("_segments", plan.video_id, "plan.json")
+        wanted = {"segments": plan.segments, "model": settings.model_name, "annotate": repr(settings.annotate), "haar": repr(settings.haar)}
+        if out.exists(plan_file) and out.read_json(plan_file) != {**wanted, "segments": [list(s) for s in plan.segments]}:
+            log.info("%s: discarding segments written with other settings", plan.path)
+            out.remove_dir(seg_dir)
+        if not out.exists(plan_file):
+            out.write_json(plan_file, wanted)
+        total_frames += plan.info["frames"]
+        for start, end in plan.segments:
+            queue.append((plan, start, end))
+
+    max_inflight = max(4, int(2 * ray.cluster_resources().get("CPU", 2)))
+    inflight: dict = {}
+    remaining = {p.video_id: len(p.segments) for p in todo if p.info}
+    frames_done = 0
+    bar = tqdm(total=total_frames, unit="frame", disable=args.quiet or not todo, dynamic_ncols=True, desc="annotate")
+
+    def submit_segments():
+        while queue and len(inflight) < max_inflight:
+            plan, start, end = queue.popleft()
+            if not plan.started:
+                plan.started = time.perf_counter()
+            ref = segment_remote.remote(plan.path, plan.video_id, start, end, settings, actors)
+            inflight[ref] = ("segment", plan, start)
+
+    for record in to_render:
+        inflight[render_remote.remote(record, settings)] = ("render", record, None)
+    submit_segments()
+    try:
+        while inflight:
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            ref = ready[0]
+            kind, obj, start = inflight.pop(ref)
+            result = ray.get(ref)
+            if kind == "segment":
+                obj.done[start] = result
+                frames_done += result.get("frames", 0)
+                bar.update(result.get("frames", 0))
+                remaining[obj.video_id] -= 1
+                if remaining[obj.video_id] == 0:
+                    inflight[finalize_remote.remote(asdict_plan(obj), settings)] = ("finalize", obj, None)
+            elif kind == "finalize":
+                records[obj.video_id] = result
+                if args.render and result["status"] != "failed":
+                    inflight[render_remote.remote(result, settings)] = ("render", result, None)
+                bar.set_postfix(videos=f"{sum(1 for r in records.values())}/{len(plans)}", refresh=False)
+            else:
+                records[result["video_id"]] = result
+            submit_segments()
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - started
+
+    # the per-video table covers every video ever finished in this output folder
+    all_records = []
+    for status_file in out.listdir(out.path("_status")):
+        if status_file.endswith(".json"):
+            all_records.append(out.read_json(status_file))
+    all_records.sort(key=lambda r: r["path"])
+    out.write_table(out.path("_videos.parquet"), videos_table(all_records))
+
+    mine = [records[p.video_id] for p in plans if p.video_id in records]
+    counts = {s: sum(1 for r in mine if r["status"] == s) for s in ("ok", "partial", "failed")}
+    faces = sum(r.get("faces") or 0 for r in mine)
+    for r in mine:
+        if r["status"] != "ok":
+            log.warning("%s: %s: %s", r["status"], r["path"], r.get("error"))
+    fps = frames_done / elapsed if elapsed > 0 else 0.0
+    print(
+        f"{len(mine)} input(s): {counts['ok']} ok, {counts['partial']} partial, {counts['failed']} failed; "
+        f"{frames_done} frames annotated this run, {faces} faces in total; {elapsed:.1f} s ({fps:.1f} frames/s); "
+        f"tables in {out.uri}" + (f", videos in {args.render}" if args.render else "")
+    )
+    return EXIT_OK if counts["partial"] == 0 and counts["failed"] == 0 else EXIT_FAILED
+
+
+def asdict_plan(plan: VideoPlan) -> dict:
+    return {"path": plan.path, "video_id": plan.video_id, "info": plan.info, "segments": plan.segments}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("jobs.annotate", build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
