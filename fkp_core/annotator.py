@@ -126,8 +126,7 @@ class SegmentAnnotator:
             if not self.stats.head_signature:
                 self.stats.head_signature = signature.tolist()
             cut = self._prev_signature is not None and cut_score(self._prev_signature, signature) > SCENE_CUT_THRESHOLD
-            if cut:
-                self.tracker.reset()
+            if cut:  # the tracker is reset when this frame's faces are emitted (chunks run ahead)
                 self.stats.cuts.append(int(f.index))
             self._prev_signature = signature
             self.stats.seconds["other"] += time.perf_counter() - t1
@@ -185,6 +184,8 @@ class SegmentAnnotator:
 
     def _emit(self, frame: _Frame, boxes: np.ndarray, kps: np.ndarray, detected: np.ndarray, confidence: np.ndarray) -> None:
         n = len(kps)
+        if frame.cut:
+            self.tracker.reset()
         ids = self.tracker.update(frame.index, boxes, kps)
         if n == 0:
             return

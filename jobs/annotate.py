@@ -43,6 +43,7 @@ from jobs.common import (
 log = logging.getLogger("fkp.annotate")
 
 DEFAULT_SEGMENT_FRAMES = 600
+ACTOR_NAMESPACE = "fkp"  # model actors are named fkp-model-<run>-<i> here (ray list actors, ray.get_actor)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -523,10 +524,15 @@ def run(args: argparse.Namespace) -> int:
 
     actors = []
     if n_actors and todo:
-        actor_cls = ray.remote(ModelActor).options(
-            num_cpus=1 if use_gpu else 0.5, num_gpus=1 if use_gpu else 0, max_restarts=-1, max_task_retries=-1, max_concurrency=64
-        )
-        actors = [actor_cls.remote(settings.model, settings.device) for _ in range(n_actors)]
+        actor_cls = ray.remote(ModelActor)
+        run_id = f"{os.getpid()}-{int(time.time())}"
+        actors = [
+            actor_cls.options(
+                num_cpus=1 if use_gpu else 0.5, num_gpus=1 if use_gpu else 0, max_restarts=-1, max_task_retries=-1,
+                max_concurrency=64, name=f"fkp-model-{run_id}-{i}", namespace=ACTOR_NAMESPACE,
+            ).remote(settings.model, settings.device)
+            for i in range(n_actors)
+        ]
 
     probe_remote = ray.remote(probe_video).options(num_cpus=0.25, max_retries=args.max_retries)
     segment_remote = ray.remote(run_segment).options(num_cpus=args.cpus_per_segment, max_retries=args.max_retries)
@@ -613,7 +619,7 @@ def run(args: argparse.Namespace) -> int:
     faces = sum(r.get("faces") or 0 for r in mine)
     for r in mine:
         if r["status"] != "ok":
-            log.warning("%s: %s: %s", r["status"], r["path"], r.get("error"))
+            log.warning("%s: %s", r["status"], r.get("error") or r["path"])
     fps = frames_done / elapsed if elapsed > 0 else 0.0
     print(
         f"{len(mine)} input(s): {counts['ok']} ok, {counts['partial']} partial, {counts['failed']} failed; "

@@ -36,7 +36,7 @@ from fkp_core.filters import (
 H, W = 480, 640
 LOCAL_MARGIN = 0.3
 SLACK_PX = 3.0  # plus this much: antialiasing, and the 1-pixel minimum dot radius on tiny faces
-BUILTIN = ("keypoints", "box", "sunglasses", "moustache", "blur", "pixelate")
+BUILTIN = ("keypoints", "box", "sunglasses", "moustache", "blur", "pixelate", "axis")
 FACE_FILTERS = tuple(n for n in BUILTIN if n != "box")  # the ones placed by keypoints
 
 
