@@ -164,12 +164,22 @@ def resolve_sources(args: argparse.Namespace):
     labels = [s.label for s in train + val]
     if len(set(labels)) != len(labels):
         raise UsageError(f"data sources need distinct names, got {labels}")
+    from fkp_core.dataset import split_by_identity
+
     for src in train + val:  # read once here: a bad row or image fails now, in one line, not in every worker
         try:
-            n = len(src.read("training") if src.kind == "course" else src.read())
+            records = src.read("training") if src.kind == "course" else src.read()
         except DatasetError as exc:
             raise UsageError(str(exc)) from None
-        log.info("data source %s (%s): %d faces, weight %g", src.label, src.path, n, src.weight)
+        if src in train:
+            fit, held = split_by_identity(records, args.val_fraction)
+            if not fit or not held:
+                people = len({r.person for r in records})
+                raise UsageError(
+                    f"{src.label}: --val-fraction {args.val_fraction} leaves {'no' if not held else 'only'} validation "
+                    f"identities among its {people} people: raise --val-fraction or add data"
+                )
+        log.info("data source %s (%s): %d faces, weight %g", src.label, src.path, len(records), src.weight)
     return train, val
 
 

@@ -1,0 +1,168 @@
+"""jobs.train on Ray Train (2 CPU workers, generated data), resume, download, usage errors; jobs.evaluate."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PROJECT_ROOT, make_course_dataset, make_ibug_dataset
+from fkp_core.dataset import read_course, read_image
+from fkp_core.transforms import box_from_keypoints, crop_matrix, denormalize_keypoints
+from fkp_core.weights import load_model
+from jobs import evaluate, train
+
+TINY = ["--model", "tiny", "--batch-size", "8", "--num-workers", "2", "--cpus-per-worker", "0.5", "--loader-workers", "0",
+        "--val-fraction", "0.4", "-q"]
+
+
+@pytest.fixture(scope="module")
+def course(tmp_path_factory):
+    return make_course_dataset(tmp_path_factory.mktemp("course"), n=24, people=8)
+
+
+def _main(module, argv) -> int:
+    try:
+        return module.main([str(a) for a in argv])
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.mark.slow
+def test_two_worker_run_makes_a_loadable_model_from_mixed_sources(ray_session, course, tmp_path):
+    helen = make_ibug_dataset(tmp_path / "helen", n=10)
+    out = tmp_path / "model"
+    code = _main(train, ["--data", f"course:{course}", "--data", f"ibug:{helen}@2", "--epochs", "2", "--output", out,
+                         "--name", "t", *TINY])
+    assert code == 0
+    loaded = load_model(out / "t.pt")
+    meta = loaded.metadata
+    assert meta["trained"]["workers"] == 2 and meta["trained"]["epochs_run"] == 2
+    assert set(meta["metrics"]["validation"]) >= {"val_nme", "val_nme/course", "val_nme/helen"}
+    assert [s["weight"] for s in meta["trained"]["sources"]] == [1.0, 2.0]
+    assert "jobs.train" in meta["trained"]["command"]
+    with torch.no_grad():
+        assert loaded.model(torch.rand(1, 1, 64, 64)).shape == (1, 68, 2)
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_from_its_checkpoint(course, tmp_path):
+    """Ctrl-C after the first checkpoint, then the same command again: it continues, not restarts."""
+    out = tmp_path / "model"
+    cmd = [sys.executable, "-m", "jobs.train", "--data", f"course:{course}", "--epochs", "40", "--output", str(out),
+           "--name", "r", *[a for a in TINY if a not in ("--num-workers", "2")], "--num-workers", "1"]
+    env = {**os.environ, "FKP_RAY_TEMP_DIR": f"/tmp/fkp-rt-train-{os.getpid()}"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    ckpt = out / "checkpoints" / "r"
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(ckpt.glob("checkpoint_*/progress.json"))) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)  # no clean shutdown at all
+    proc.wait(timeout=60)
+    done = max(json.loads(p.read_text())["epoch"] for p in ckpt.glob("checkpoint_*/progress.json"))
+    again = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    resumed = [int(x) for x in __import__("re").findall(r"resuming from epoch (\d+)", log)]
+    assert resumed and 1 <= resumed[0] <= done + 1, log[-3000:]  # from the newest checkpoint Ray had recorded
+    meta = load_model(out / "r.pt").metadata
+    assert meta["trained"]["epochs_run"] == 40
+
+
+def test_download_and_unpack_from_a_local_archive(tmp_path):
+    src = make_course_dataset(tmp_path / "src", n=4)
+    archive = tmp_path / "train-test-data.zip"
+    with zipfile.ZipFile(archive, "w") as zf:  # the public archive keeps the layout at its top level
+        for p in src.rglob("*"):
+            zf.write(p, p.relative_to(src))
+        zf.writestr("__MACOSX/._junk", b"x")
+    dest = tmp_path / "data"
+    train.download_course_data(archive.as_uri(), dest)
+    assert len(read_course(dest)) == 4
+    assert not (dest / "__MACOSX").exists()
+
+
+def test_download_rejects_bad_archives(tmp_path):
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(train.UsageError, match="not a zip"):
+        train.download_course_data(bad.as_uri(), tmp_path / "d1")
+    empty = tmp_path / "empty.zip"
+    with zipfile.ZipFile(empty, "w") as zf:
+        zf.writestr("readme.txt", "hi")
+    with pytest.raises(train.UsageError, match="training_frames_keypoints.csv"):
+        train.download_course_data(empty.as_uri(), tmp_path / "d2")
+    with pytest.raises(train.UsageError, match="cannot download"):
+        train.download_course_data((tmp_path / "missing.zip").as_uri(), tmp_path / "d3")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "course:{tmp}/nope"], "no such directory"),
+        (["--data", "{tmp}/empty"], "neither the course layout"),
+        (["--data", "{course}", "--epochs", "0"], "--epochs"),
+        (["--data", "{course}", "--storage", "relative/path"], "absolute path or a URI"),
+        (["--data", "{course}", "--val-fraction", "0.01"], "--val-fraction"),
+        (["--data", "{course}", "--model", "huge"], "invalid choice"),
+        (["--data", "{course}", "--lr", "fast"], "invalid float value"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(tmp_path, capsys, course, argv, message):
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(tmp=tmp_path, course=course) for a in argv] + ["--output", str(tmp_path / "o")]
+    assert _main(train, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_missing_default_data_dir_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("FKP_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert _main(train, ["--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--download" in err and "train-test-data.zip" in err
+
+
+def test_evaluate_reports_the_nme_computed_independently(tmp_path):
+    data = make_course_dataset(tmp_path / "data", n=10, people=5, split="test")
+    torch.manual_seed(0)
+    from fkp_core.model import build_model
+    from fkp_core.weights import save_model
+
+    model_path = save_model(build_model("tiny").eval(), tmp_path / "m" / "tiny")
+    out = tmp_path / "eval"
+    assert _main(evaluate, ["--model", model_path, "--data", f"course:{data}", "--refine", "0", "--out", out, "-q"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    # the same protocol written out by hand: crop of the keypoint box, forward pass, back to pixels
+    model = load_model(model_path).model
+    errors = []
+    for rec in read_course(data, "test"):
+        img = read_image(rec.image_path)
+        m = crop_matrix(box_from_keypoints(rec.keypoints), 64, model.config.crop_margin)
+        import cv2
+
+        crop = cv2.warpAffine(img, m[:2], (64, 64), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        with torch.no_grad():
+            out_n = model(torch.from_numpy(crop.astype(np.float32) / 255)[None, None])[0].numpy()
+        px = denormalize_keypoints(out_n, 64)
+        inv = np.linalg.inv(m)
+        pred = px @ inv[:2, :2].T + inv[:2, 2]
+        iod = np.linalg.norm(rec.keypoints[36] - rec.keypoints[45])
+        errors.append(np.linalg.norm(pred - rec.keypoints, axis=1).mean() / iod)
+    assert report["sources"]["course"]["gt_box"]["nme"] == pytest.approx(float(np.mean(errors)), rel=1e-4)
+    assert report["sources"]["course"]["faces"] == 10
+    assert (out / "ced.png").is_file() and (out / "course_grid.png").is_file()
