@@ -18,6 +18,7 @@ import torch
 
 from fkp_core.constants import NUM_KEYPOINTS
 from fkp_core.detector import FaceDetector, HaarDetector
+from fkp_core.inference import make_predictor
 from fkp_core.model import KeypointNet
 from fkp_core.transforms import box_from_keypoints, crop_face, to_gray, uncrop_keypoints
 from fkp_core.weights import LoadedModel, load_model
@@ -54,33 +55,23 @@ class Landmarker:
         detector: FaceDetector | None = None,
         device: str | torch.device = "cpu",
         refine: int = 1,
-        batch_size: int = 256,
+        backend: str = "auto",
     ):
         self.device = resolve_device(device)
         if isinstance(model, LoadedModel):
             model = model.model
         elif model is None or isinstance(model, (str, os.PathLike, Path)):
             model = load_model(model).model
-        self.model = model.to(self.device).eval()
+        self.model = model.eval()
         self.size = self.model.config.input_size
         self.margin = self.model.config.crop_margin
         self.detector = detector if detector is not None else HaarDetector()
         self.refine = refine
-        self.batch_size = batch_size
+        self.predictor = make_predictor(self.model, self.device, backend)
 
-    @torch.inference_mode()
     def predict_crops(self, crops: np.ndarray) -> np.ndarray:
         """(N, S, S) gray crops (uint8 or float in [0, 1]) -> (N, 68, 2) keypoints in [-1, 1]."""
-        if len(crops) == 0:
-            return np.zeros((0, NUM_KEYPOINTS, 2), np.float32)
-        arr = np.asarray(crops)
-        scale = 1.0 / 255.0 if arr.dtype == np.uint8 else 1.0
-        out = []
-        for start in range(0, len(arr), self.batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(arr[start : start + self.batch_size], dtype=np.float32))
-            x = (x * scale).unsqueeze(1).to(self.device, non_blocking=True)
-            out.append(self.model(x).float().cpu().numpy())
-        return np.concatenate(out)
+        return self.predictor(crops)
 
     def keypoints_in_boxes(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Keypoints (Ni, 68, 2) in image pixels for the given boxes of each image, one CNN batch for all."""

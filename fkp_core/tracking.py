@@ -345,6 +345,12 @@ def frame_signature(image: np.ndarray) -> np.ndarray:
     if gray.dtype != np.uint8:
         g = gray.astype(np.float64)
         gray = np.clip(g * (255.0 if g.size and g.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+    # Decimate first (every k-th pixel) so that the area-averaging resize reads ~4 pixels per
+    # thumbnail pixel, not the whole frame: 0.3 ms -> ~0.05 ms on 640x480, and the thumbnail still
+    # averages enough pixels to be insensitive to noise.
+    k = max(1, min(gray.shape[0], gray.shape[1]) // (2 * SIGNATURE_SIZE))
+    if k > 1:
+        gray = gray[::k, ::k]
     thumb = cv2.resize(gray, (SIGNATURE_SIZE, SIGNATURE_SIZE), interpolation=cv2.INTER_AREA)
     step = SIGNATURE_SIZE // SIGNATURE_GRID
     blocks = thumb.reshape(SIGNATURE_GRID, step, SIGNATURE_GRID, step).transpose(0, 2, 1, 3)

@@ -1,0 +1,223 @@
+"""Benchmarks that print and save their figures (JSON): throughput, CNN speed, smoothing.
+
+    python -m jobs.bench annotate VIDEO... [--detect-every 1,10]   decode-only fps vs the job's fps, per stage
+    python -m jobs.bench model [--device cuda] [--threads 1]       CNN ms per face by batch size
+    python -m jobs.bench smoothing [--truth-clip examples/sample.mp4]  jitter on a still face, NME on moving faces
+
+Machines are shared and noisy: quote ratios measured in one run (job fps / decode-only fps on
+the same file), not absolute numbers from different runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from jobs.common import EXIT_OK, Parser, UsageError, add_common_flags, run_main
+
+log = logging.getLogger("fkp.bench")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m jobs.bench", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="what", required=True, metavar="{annotate,model,smoothing}")
+    a = sub.add_parser("annotate", help="decode-only fps and end-to-end job fps on the same videos, with per-stage times",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a.add_argument("videos", nargs="+", help="video files (the reference clip: talk_640x480_3000.mp4)")
+    a.add_argument("--detect-every", default="1,10", help="comma-separated K values to measure (1 = Haar on every frame)")
+    a.add_argument("--segment-frames", type=int, default=None, help="passed to the job (default: the job's)")
+    a.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    a.add_argument("--extra", default="", help="more flags for jobs.annotate, as one string (e.g. '--model-actors 1')")
+    m = sub.add_parser("model", help="CNN time per face by batch size", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m.add_argument("--model", default=None, help="model file (default: the bundled model)")
+    m.add_argument("--device", default="cpu", help="torch device")
+    m.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = one core, as the 3 ms budget is stated)")
+    m.add_argument("--batch-sizes", default="1,8,32,128", help="comma-separated batch sizes")
+    m.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"], help="auto: ONNX Runtime on CPU, torch on GPU")
+    m.add_argument("--seconds", type=float, default=3.0, help="time per batch size")
+    s = sub.add_parser("smoothing", help="jitter on a still face and NME on moving faces, with and without smoothing",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--truth-clip", default=str(EXAMPLES / "sample.mp4"), help="clip with a ground-truth CSV beside it (NAME_truth.csv)")
+    s.add_argument("--still-frames", type=int, default=150, help="frames of the generated still-face clip")
+    s.add_argument("--noise", type=float, default=4.0, help="sensor noise sigma (gray levels) added to each still frame")
+    for sp in (a, m, s):
+        sp.add_argument("--json", default=None, help="where to save the figures (default: runs/bench/<what>-<time>.json)")
+        add_common_flags(sp)
+    add_common_flags(p)
+    return p
+
+
+def _machine() -> dict:
+    import torch
+
+    return {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _save(args: argparse.Namespace, result: dict) -> Path:
+    path = Path(args.json) if args.json else Path("runs/bench") / f"{args.what}-{datetime.now():%Y%m%d-%H%M%S}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved {path}")
+    return path
+
+
+def decode_only_fps(path: str) -> tuple[int, float]:
+    """Frames and seconds to decode the whole file to gray in one process (FFmpeg threads on all cores)."""
+    from fkp_core.video import read_frames
+
+    t0 = time.perf_counter()
+    n = sum(1 for _ in read_frames(path, 0, None, gray=True))
+    return n, time.perf_counter() - t0
+
+
+def bench_annotate(args: argparse.Namespace) -> dict:
+    from fkp_core.tables import open_output
+    from fkp_core.video import probe, video_id
+    from jobs import annotate
+    from jobs.common import init_ray
+
+    ks = [int(k) for k in args.detect_every.split(",") if k.strip()]
+    for v in args.videos:
+        if not Path(v).is_file():
+            raise UsageError(f"{v}: no such file")
+    init_ray(num_cpus=args.num_cpus)  # start-up is not part of the figure
+    with tempfile.TemporaryDirectory() as tmp:  # warm the worker processes (imports, model load, ONNX export)
+        annotate.main([str(EXAMPLES / "sample.mp4"), "--out", f"{tmp}/warm", "-q", *args.extra.split()])
+    results = []
+    for path in args.videos:
+        frames, secs = decode_only_fps(path)
+        info = probe(path)
+        entry = {"video": path, "frames": frames, "size": [info.width, info.height], "decode_only_fps": frames / secs, "runs": []}
+        for k in ks:
+            with tempfile.TemporaryDirectory() as tmp:
+                argv = [path, "--out", f"{tmp}/out", "--detect-every", str(k), "-q", *args.extra.split()]
+                if args.segment_frames:
+                    argv += ["--segment-frames", str(args.segment_frames)]
+                t0 = time.perf_counter()
+                code = annotate.main(argv)
+                wall = time.perf_counter() - t0
+                status = open_output(f"{tmp}/out").read_json(open_output(f"{tmp}/out").status_path(video_id(path)))
+            run = {
+                "detect_every": k, "exit_code": code, "wall_s": wall, "fps": frames / wall,
+                "ratio_to_decode_only": (frames / wall) / entry["decode_only_fps"], "faces": status.get("faces"),
+                "stage_cpu_seconds": status.get("stage_seconds"),
+                "stage_ms_per_frame": {s: 1000 * v / max(frames, 1) for s, v in (status.get("stage_seconds") or {}).items()},
+            }
+            entry["runs"].append(run)
+            print(f"{Path(path).name}: decode-only {entry['decode_only_fps']:.0f} fps | detect-every {k}: "
+                  f"{run['fps']:.0f} fps = {run['ratio_to_decode_only']:.2f} x decode-only | per frame (CPU ms): "
+                  + ", ".join(f"{s} {v:.2f}" for s, v in run["stage_ms_per_frame"].items()))
+        results.append(entry)
+    return {"what": "annotate", "machine": _machine(), "command": "python -m jobs.bench " + " ".join(sys.argv[1:]), "results": results}
+
+
+def bench_model(args: argparse.Namespace) -> dict:
+    import numpy as np
+    import torch
+
+    from fkp_core.landmarks import Landmarker
+    from fkp_core.weights import load_model
+
+    torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, device=args.device)
+    lm = Landmarker(loaded, device=args.device, backend=args.backend)
+    size = loaded.config.input_size
+    rng = np.random.default_rng(0)
+    rows = []
+    print(f"backend: {lm.predictor.backend}")
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        crops = rng.integers(0, 256, (bs, size, size), dtype=np.uint8)
+        for _ in range(3):
+            lm.predict_crops(crops)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < args.seconds:
+            lm.predict_crops(crops)  # includes host->device copies and the result's return to numpy
+            n += bs
+        dt = time.perf_counter() - t0
+        rows.append({"batch": bs, "ms_per_face": 1000 * dt / n, "faces_per_s": n / dt})
+        print(f"batch {bs:5d}: {1000 * dt / n:.3f} ms/face, {n / dt:,.0f} faces/s ({args.device}, {args.threads} thread(s))")
+    return {"what": "model", "machine": _machine(), "model": str(loaded.path), "device": args.device, "threads": args.threads,
+            "backend": lm.predictor.backend,
+            "command": "python -m jobs.bench " + " ".join(sys.argv[1:]), "results": rows}
+
+
+def bench_smoothing(args: argparse.Namespace) -> dict:
+    import numpy as np
+    import pandas as pd
+
+    from fkp_core.metrics import interocular, nme
+    from fkp_core.video import VideoWriter, read_frames
+    from jobs import annotate
+    from jobs.common import init_ray
+
+    clip = Path(args.truth_clip)
+    truth_csv = clip.with_name(clip.stem + "_truth.csv")
+    if not clip.is_file() or not truth_csv.is_file():
+        raise UsageError(f"{clip}: needs the clip and {truth_csv.name} beside it")
+    init_ray()
+    truth = pd.read_csv(truth_csv).iloc[:, 1:].to_numpy(np.float32).reshape(-1, 68, 2)
+    out: dict = {"what": "smoothing", "machine": _machine(), "command": "python -m jobs.bench " + " ".join(sys.argv[1:])}
+    with tempfile.TemporaryDirectory() as tmp:
+        # a still face: the clip's first frame repeated, with fresh sensor noise in every frame
+        first = next(iter(read_frames(clip, 0, 1))).image
+        rng = np.random.default_rng(0)
+        still = Path(tmp) / "still.mp4"
+        with VideoWriter(still, 30, first.shape[1], first.shape[0], crf=12) as w:
+            for _ in range(args.still_frames):
+                w.write(np.clip(first.astype(np.float32) + rng.normal(0, args.noise, first.shape), 0, 255).astype(np.uint8))
+        assert annotate.main([str(still), "--out", f"{tmp}/still", "-q"]) == 0
+        df = pd.read_parquet(f"{tmp}/still")
+        jitter = {}
+        for col in ("keypoints_raw", "keypoints"):
+            kp = np.stack(df[col].to_numpy()).reshape(-1, 68, 2)
+            step = np.linalg.norm(np.diff(kp, axis=0), axis=-1).mean(axis=-1)
+            jitter[col] = float((step / interocular(kp[1:])).mean())
+        out["still"] = {"frames": args.still_frames, "noise_sigma": args.noise, "jitter_raw": jitter["keypoints_raw"],
+                        "jitter_smoothed": jitter["keypoints"], "reduction": 1 - jitter["keypoints"] / jitter["keypoints_raw"]}
+        print(f"still face, noise sigma {args.noise}: frame-to-frame motion / inter-ocular {jitter['keypoints_raw']:.4f} raw, "
+              f"{jitter['keypoints']:.4f} smoothed ({100 * out['still']['reduction']:.0f}% less)")
+        # moving faces with ground truth: the same clip, smoothed or not, per-frame detection or the fast path
+        moving = {}
+        for k in (1, 10):
+            assert annotate.main([str(clip), "--out", f"{tmp}/moving{k}", "--detect-every", str(k), "-q"]) == 0
+            df = pd.read_parquet(f"{tmp}/moving{k}")
+            gt = truth[df.frame_index.to_numpy()]
+            for col in ("keypoints_raw", "keypoints"):
+                kp = np.stack(df[col].to_numpy()).reshape(-1, 68, 2)
+                moving[f"detect_every_{k}/{col}"] = float(nme(kp, gt).mean())
+            moving[f"detect_every_{k}/frames_with_a_face"] = int(df.frame_index.nunique())
+        out["moving"] = moving
+        for k in (1, 10):
+            r, s = moving[f"detect_every_{k}/keypoints_raw"], moving[f"detect_every_{k}/keypoints"]
+            print(f"moving faces ({clip.name}), detect every {k}: NME raw {r:.4f}, smoothed {s:.4f} ({100 * (s / r - 1):+.1f}%)")
+        base = moving["detect_every_1/keypoints"]
+        fast = moving["detect_every_10/keypoints"]
+        print(f"fast path (detect every 10) vs every frame: NME {fast:.4f} vs {base:.4f} ({100 * (fast / base - 1):+.1f}%)")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    fn = {"annotate": bench_annotate, "model": bench_model, "smoothing": bench_smoothing}[args.what]
+    _save(args, fn(args))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("jobs.bench", build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
