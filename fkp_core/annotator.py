@@ -6,13 +6,15 @@ batches crops from many segments on a GPU) and gets back the segment's rows.
 
 Two ways through the frames:
 
-* ``detect_every == 1``: Haar on every frame; frames are processed in chunks so that all the
-  chunk's faces go through the network in one batch (then once more, re-cropped around the
-  first prediction, when ``refine`` is on).
-* ``detect_every == K > 1`` (the fast path): Haar every K frames; in between, each tracked face
-  is cropped around its previous keypoints (the framing the model was trained on) and predicted
-  again. A face whose fit is lost (consistency below ``min_confidence``) triggers a detection on
-  that very frame.
+* frame by frame (the default): Haar every ``detect_every`` frames (every frame when K = 1); on
+  the others each tracked face is cropped around its previous keypoints (the framing the model
+  was trained on) and predicted again. A face whose fit is lost (consistency below
+  ``min_confidence``) triggers a detection on that very frame; a tracked face the detector
+  misses on a detection frame is kept while its fit holds (Haar drops faces for single frames).
+* in chunks (``chunk_frames > 1`` with K = 1, used with model actors): Haar on every frame and
+  all the faces of ``chunk_frames`` frames through the network in one batch (then once more,
+  re-cropped around the first prediction, when ``refine`` is on): one round trip per chunk
+  rather than per frame. Faces the detector misses are missing.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class AnnotateConfig:
 
     detect_every: int = 1
     refine: int = 1  # extra CNN passes re-cropped around the prediction, on detection frames
-    chunk_frames: int = 16  # frames per CNN batch when detecting every frame
+    chunk_frames: int = 1  # > 1 with detect_every 1: batch the CNN over this many frames (model actors)
     min_confidence: float = 0.5  # fast path: below this a tracked face is re-detected at once
     min_face: int = 0  # faces smaller than this many pixels (box side) are ignored
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
@@ -97,7 +99,7 @@ class SegmentAnnotator:
         if previous_frame is not None:
             self._prev_signature = frame_signature(to_gray(previous_frame))
         it = self._timed_frames(frames)
-        if self.config.detect_every == 1:
+        if self.config.detect_every == 1 and self.config.chunk_frames > 1:
             self._run_detect_every_frame(it)
         else:
             self._run_fast_path(it)

@@ -119,7 +119,10 @@ def _solve(image_pts: np.ndarray, obj: np.ndarray, k: np.ndarray) -> np.ndarray 
     for iterative refinement from two starts, within 0.5 degrees of it on real video): pose is
     computed for every face of every frame, so this matters.
     """
-    ok, rvec, tvec = cv2.solvePnP(obj, image_pts, k, None, flags=cv2.SOLVEPNP_SQPNP)
+    try:
+        ok, rvec, tvec = cv2.solvePnP(obj, image_pts, k, None, flags=cv2.SOLVEPNP_SQPNP)
+    except cv2.error:  # degenerate input (a face a few pixels wide): SQPnP asserts rather than failing
+        return None
     if not ok or not (np.isfinite(rvec).all() and np.isfinite(tvec).all()) or tvec[2, 0] <= 0:
         return None
     proj, _ = cv2.projectPoints(obj, rvec, tvec, k, None)

@@ -512,7 +512,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--device cuda, but the Ray cluster has no GPU")
     use_gpu = args.device == "cuda" or (args.device == "auto" and gpus > 0)
     n_actors = args.model_actors if args.model_actors is not None else (gpus if use_gpu else 0)
-    settings = replace(settings, device="cuda" if use_gpu else "cpu")
+    # with model actors every frame costs a round trip: batch frames into chunks when detecting on all of them
+    settings = replace(settings, device="cuda" if use_gpu else "cpu",
+                       annotate=replace(settings.annotate, chunk_frames=16 if n_actors else 1))
     log.info("%d input(s); %s Ray with %d CPU / %d GPU; CNN %s", len(paths), mode,
              int(ray.cluster_resources().get("CPU", 0)), gpus,
              f"on {n_actors} model actor(s) ({settings.device})" if n_actors else "inside each segment task (CPU)")
