@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--truth-clip", default=str(EXAMPLES / "sample.mp4"), help="clip with a ground-truth CSV beside it (NAME_truth.csv)")
     s.add_argument("--still-frames", type=int, default=150, help="frames of the generated still-face clip")
     s.add_argument("--noise", type=float, default=4.0, help="sensor noise sigma (gray levels) added to each still frame")
+    s.add_argument("--detect-every", default="1,10,30", help="comma-separated K values for the moving-face NME (the first is the reference)")
     for sp in (a, m, s):
         sp.add_argument("--json", default=None, help="where to save the figures (default: runs/bench/<what>-<time>.json)")
         add_common_flags(sp)
@@ -191,7 +192,8 @@ def bench_smoothing(args: argparse.Namespace) -> dict:
               f"{jitter['keypoints']:.4f} smoothed ({100 * out['still']['reduction']:.0f}% less)")
         # moving faces with ground truth: the same clip, smoothed or not, per-frame detection or the fast path
         moving = {}
-        for k in (1, 10):
+        ks = [int(k) for k in args.detect_every.split(",")]
+        for k in ks:
             assert annotate.main([str(clip), "--out", f"{tmp}/moving{k}", "--detect-every", str(k), "-q"]) == 0
             df = pd.read_parquet(f"{tmp}/moving{k}")
             gt = truth[df.frame_index.to_numpy()]
@@ -200,12 +202,14 @@ def bench_smoothing(args: argparse.Namespace) -> dict:
                 moving[f"detect_every_{k}/{col}"] = float(nme(kp, gt).mean())
             moving[f"detect_every_{k}/frames_with_a_face"] = int(df.frame_index.nunique())
         out["moving"] = moving
-        for k in (1, 10):
+        for k in ks:
             r, s = moving[f"detect_every_{k}/keypoints_raw"], moving[f"detect_every_{k}/keypoints"]
-            print(f"moving faces ({clip.name}), detect every {k}: NME raw {r:.4f}, smoothed {s:.4f} ({100 * (s / r - 1):+.1f}%)")
-        base = moving["detect_every_1/keypoints"]
-        fast = moving["detect_every_10/keypoints"]
-        print(f"fast path (detect every 10) vs every frame: NME {fast:.4f} vs {base:.4f} ({100 * (fast / base - 1):+.1f}%)")
+            print(f"moving faces ({clip.name}), detect every {k}: NME raw {r:.4f}, smoothed {s:.4f} ({100 * (s / r - 1):+.1f}%), "
+                  f"{moving[f'detect_every_{k}/frames_with_a_face']} frames with a face")
+        base = moving[f"detect_every_{ks[0]}/keypoints"]
+        for k in ks[1:]:
+            fast = moving[f"detect_every_{k}/keypoints"]
+            print(f"fast path (detect every {k}) vs every {ks[0]}: NME {fast:.4f} vs {base:.4f} ({100 * (fast / base - 1):+.1f}%)")
     return out
 
 
