@@ -509,9 +509,11 @@ def run(args: argparse.Namespace) -> int:
         _check_shared(open_output(args.render), "--render")
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if args.device == "cuda" and gpus == 0:
-        raise UsageError("--device cuda, but the Ray cluster has no GPU")
+        if mode == "local":
+            raise UsageError("--device cuda, but this machine has no GPU Ray can use")
+        log.warning("no GPU in the cluster yet: asking for them, the autoscaler has to add GPU nodes")
     use_gpu = args.device == "cuda" or (args.device == "auto" and gpus > 0)
-    n_actors = args.model_actors if args.model_actors is not None else (gpus if use_gpu else 0)
+    n_actors = args.model_actors if args.model_actors is not None else (max(1, gpus) if use_gpu else 0)
     # with model actors every frame costs a round trip: batch frames into chunks when detecting on all of them
     settings = replace(settings, device="cuda" if use_gpu else "cpu",
                        annotate=replace(settings.annotate, chunk_frames=16 if n_actors else 1))

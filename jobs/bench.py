@@ -127,31 +127,31 @@ def bench_model(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from fkp_core.landmarks import Landmarker
+    from fkp_core.inference import make_predictor
     from fkp_core.weights import load_model
 
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model, device=args.device)
-    lm = Landmarker(loaded, device=args.device, backend=args.backend)
+    predict = make_predictor(loaded.model, args.device, args.backend, threads=args.threads)
     size = loaded.config.input_size
     rng = np.random.default_rng(0)
     rows = []
-    print(f"backend: {lm.predictor.backend}")
+    print(f"backend: {predict.backend}")
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         crops = rng.integers(0, 256, (bs, size, size), dtype=np.uint8)
         for _ in range(3):
-            lm.predict_crops(crops)
+            predict(crops)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < args.seconds:
-            lm.predict_crops(crops)  # includes host->device copies and the result's return to numpy
+            predict(crops)  # includes host->device copies and the result's return to numpy
             n += bs
         dt = time.perf_counter() - t0
         rows.append({"batch": bs, "ms_per_face": 1000 * dt / n, "faces_per_s": n / dt})
         print(f"batch {bs:5d}: {1000 * dt / n:.3f} ms/face, {n / dt:,.0f} faces/s ({args.device}, {args.threads} thread(s))")
     return {"what": "model", "machine": _machine(), "model": str(loaded.path), "device": args.device, "threads": args.threads,
-            "backend": lm.predictor.backend,
+            "backend": predict.backend,
             "command": "python -m jobs.bench " + " ".join(sys.argv[1:]), "results": rows}
 
 

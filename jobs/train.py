@@ -305,13 +305,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def _worker_plan(args: argparse.Namespace) -> tuple[int, bool]:
+def _worker_plan(args: argparse.Namespace, mode: str) -> tuple[int, bool]:
     import ray
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if args.device == "cuda" and gpus == 0:
-        raise UsageError("--device cuda, but the Ray cluster has no GPU")
+        if mode == "local":
+            raise UsageError("--device cuda, but this machine has no GPU Ray can use")
+        # an autoscaling cluster adds GPU nodes when workers ask for them (a GPU group may start at 0)
+        log.warning("no GPU in the cluster yet: asking for them, the autoscaler has to add GPU nodes")
     use_gpu = args.device == "cuda" or (args.device == "auto" and gpus > 0)
     if args.num_workers is not None:
         return args.num_workers, use_gpu
@@ -361,12 +364,22 @@ def run(args: argparse.Namespace) -> int:
     if args.storage and "://" not in args.storage and not os.path.isabs(args.storage):
         raise UsageError("--storage must be an absolute path or a URI (Ray Train requires it)")
     train_sources, val_sources = resolve_sources(args)
-    output = Path(args.output)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--output {output}: {exc.strerror}") from None
-    storage = args.storage or str((output / "checkpoints").resolve())
+    remote_output = "://" in args.output  # e.g. s3://bucket/models: written locally, then uploaded
+    if remote_output:
+        from fkp_core.tables import open_output
+
+        try:
+            open_output(args.output)
+        except ValueError as exc:
+            raise UsageError(f"--output: {exc}") from None
+        storage = args.storage or args.output.rstrip("/") + "/checkpoints"
+    else:
+        output = Path(args.output)
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--output {output}: {exc.strerror}") from None
+        storage = args.storage or str((output / "checkpoints").resolve())
 
     cfg = TrainConfig(
         model=args.model, input_size=args.input_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -380,7 +393,7 @@ def run(args: argparse.Namespace) -> int:
     from ray.train.torch import TorchTrainer
 
     mode = init_ray()
-    num_workers, use_gpu = _worker_plan(args)
+    num_workers, use_gpu = _worker_plan(args, mode)
     log.info("training %s on %d %s worker(s) (%s Ray), checkpoints in %s/%s", args.model, num_workers,
              "GPU" if use_gpu else "CPU", mode, storage, args.name)
     trainer = TorchTrainer(
@@ -422,9 +435,16 @@ def run(args: argparse.Namespace) -> int:
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds_this_session": round(time.time() - started, 1),
     }
-    with result.checkpoint.as_directory() as ckdir:
-        path = export_release(Path(ckdir), output, args.name, extra)
-    meta = json.loads(path.with_suffix(".json").read_text())
+    with tempfile.TemporaryDirectory() as tmp, result.checkpoint.as_directory() as ckdir:
+        path = export_release(Path(ckdir), Path(tmp) if remote_output else output, args.name, extra)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        if remote_output:
+            from fkp_core.tables import open_output
+
+            dest = open_output(args.output)
+            for local in (path, path.with_suffix(".json")):
+                dest.write_bytes(dest.path(local.name), local.read_bytes())
+            path = Path(args.output.rstrip("/")) / path.name  # for the message only
     best = meta["metrics"]["validation"]
     log.info("best epoch %d: %s", meta["trained"]["best_epoch"], ", ".join(f"{k}={v:.4f}" for k, v in best.items()))
     print(f"model written to {path} (+ {path.with_suffix('.json').name})")
