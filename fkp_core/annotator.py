@@ -27,9 +27,10 @@ import numpy as np
 
 from fkp_core.constants import NUM_KEYPOINTS
 from fkp_core.detector import FaceDetector, iou
+from fkp_core.landmarks import keypoints_for_boxes
 from fkp_core.tables import FaceColumns
 from fkp_core.tracking import SCENE_CUT_THRESHOLD, Tracker, TrackerConfig, cut_score, frame_signature, keypoint_consistency
-from fkp_core.transforms import box_from_keypoints, crop_face, to_gray, uncrop_keypoints
+from fkp_core.transforms import box_from_keypoints, to_gray
 
 PredictFn = Callable[[np.ndarray], np.ndarray]  # (N, S, S) uint8 crops -> (N, 68, 2) in [-1, 1]
 
@@ -147,28 +148,20 @@ class SegmentAnnotator:
 
     def _predict(self, grays: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray]:
         """Keypoints (Ni, 68, 2) in frame pixels for the boxes of each frame, one network call."""
+        cnn = 0.0
+
+        def timed(crops: np.ndarray) -> np.ndarray:
+            nonlocal cnn
+            t = time.perf_counter()
+            out = np.asarray(self.predict_crops(crops))
+            cnn += time.perf_counter() - t
+            return out
+
         t0 = time.perf_counter()
-        crops, mats, owner = [], [], []
-        for i, (g, bxs) in enumerate(zip(grays, boxes)):
-            for b in bxs:
-                c, m = crop_face(g, b, self.size, self.margin)
-                crops.append(c)
-                mats.append(m)
-                owner.append(i)
-        t1 = time.perf_counter()
-        out = [np.zeros((0, NUM_KEYPOINTS, 2), np.float32) for _ in grays]
-        if crops:
-            pred = np.asarray(self.predict_crops(np.stack(crops)))
-            t2 = time.perf_counter()
-            per: list[list[np.ndarray]] = [[] for _ in grays]
-            for o, kp, m in zip(owner, pred, mats):
-                per[o].append(uncrop_keypoints(kp, m, self.size))
-            out = [np.stack(p).astype(np.float32) if p else out[i] for i, p in enumerate(per)]
-            self.stats.seconds["cnn"] += t2 - t1
-            self.stats.seconds["other"] += (t1 - t0) + (time.perf_counter() - t2)
-        else:
-            self.stats.seconds["other"] += t1 - t0
-        return out
+        result = keypoints_for_boxes(timed, grays, boxes, self.size, self.margin)
+        self.stats.seconds["cnn"] += cnn
+        self.stats.seconds["other"] += time.perf_counter() - t0 - cnn
+        return result
 
     def _predict_refined(self, grays: list[np.ndarray], boxes: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Keypoints after ``refine`` re-crops, and the consistency of the last pass with its crop."""

@@ -39,6 +39,33 @@ class Faces:
         return Faces(np.zeros((0, 4), np.int32), np.zeros((0, NUM_KEYPOINTS, 2), np.float32))
 
 
+def keypoints_for_boxes(
+    predict_crops, grays: Sequence[np.ndarray], boxes: Sequence[np.ndarray], size: int, margin: float
+) -> list[np.ndarray]:
+    """Crop every box of every gray image, run ``predict_crops`` once on all crops, map back to pixels.
+
+    Returns (Ni, 68, 2) float32 keypoints per image (shape (0, 68, 2) where it has no box).
+    """
+    crops, matrices, owner = [], [], []
+    for i, (gray, bxs) in enumerate(zip(grays, boxes)):
+        for box in bxs:
+            crop, m = crop_face(gray, box, size, margin)
+            crops.append(crop)
+            matrices.append(m)
+            owner.append(i)
+    result = [np.zeros((0, NUM_KEYPOINTS, 2), np.float32) for _ in grays]
+    if not crops:
+        return result
+    normalized = predict_crops(np.stack(crops))
+    per_image: list[list[np.ndarray]] = [[] for _ in grays]
+    for owner_i, kp, m in zip(owner, normalized, matrices):
+        per_image[owner_i].append(uncrop_keypoints(kp, m, size))
+    for i, kps in enumerate(per_image):
+        if kps:
+            result[i] = np.stack(kps).astype(np.float32)
+    return result
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` picks CUDA when present."""
     if str(device) == "auto":
@@ -83,22 +110,7 @@ class Landmarker:
         return result
 
     def _predict(self, grays: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray]:
-        crops, matrices, owner = [], [], []
-        for i, (gray, bxs) in enumerate(zip(grays, boxes)):
-            for box in bxs:
-                crop, m = crop_face(gray, box, self.size, self.margin)
-                crops.append(crop)
-                matrices.append(m)
-                owner.append(i)
-        normalized = self.predict_crops(np.stack(crops) if crops else np.zeros((0, self.size, self.size), np.uint8))
-        result = [np.zeros((0, NUM_KEYPOINTS, 2), np.float32) for _ in grays]
-        per_image: list[list[np.ndarray]] = [[] for _ in grays]
-        for owner_i, kp, m in zip(owner, normalized, matrices):
-            per_image[owner_i].append(uncrop_keypoints(kp, m, self.size))
-        for i, kps in enumerate(per_image):
-            if kps:
-                result[i] = np.stack(kps).astype(np.float32)
-        return result
+        return keypoints_for_boxes(self.predict_crops, grays, boxes, self.size, self.margin)
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Faces]:
         """Detect and landmark every face of each image."""

@@ -23,8 +23,8 @@ import logging
 import os
 import sys
 import time
-from collections import defaultdict, deque
-from dataclasses import asdict, dataclass, field, replace
+from collections import deque
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -239,7 +239,6 @@ def run_segment(path: str, video_id: str, start: int, end: int | None, settings:
     import json
 
     import cv2
-    import numpy as np
     import ray
 
     from fkp_core.annotator import SegmentAnnotator

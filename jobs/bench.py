@@ -120,7 +120,7 @@ def bench_annotate(args: argparse.Namespace) -> dict:
                   f"{run['fps']:.0f} fps = {run['ratio_to_decode_only']:.2f} x decode-only | per frame (CPU ms): "
                   + ", ".join(f"{s} {v:.2f}" for s, v in run["stage_ms_per_frame"].items()))
         results.append(entry)
-    return {"what": "annotate", "machine": _machine(), "command": "python -m jobs.bench " + " ".join(sys.argv[1:]), "results": results}
+    return {"what": "annotate", "machine": _machine(), "command": args.command, "results": results}
 
 
 def bench_model(args: argparse.Namespace) -> dict:
@@ -152,7 +152,7 @@ def bench_model(args: argparse.Namespace) -> dict:
         print(f"batch {bs:5d}: {1000 * dt / n:.3f} ms/face, {n / dt:,.0f} faces/s ({args.device}, {args.threads} thread(s))")
     return {"what": "model", "machine": _machine(), "model": str(loaded.path), "device": args.device, "threads": args.threads,
             "backend": predict.backend,
-            "command": "python -m jobs.bench " + " ".join(sys.argv[1:]), "results": rows}
+            "command": args.command, "results": rows}
 
 
 def bench_smoothing(args: argparse.Namespace) -> dict:
@@ -170,7 +170,7 @@ def bench_smoothing(args: argparse.Namespace) -> dict:
         raise UsageError(f"{clip}: needs the clip and {truth_csv.name} beside it")
     init_ray()
     truth = pd.read_csv(truth_csv).iloc[:, 1:].to_numpy(np.float32).reshape(-1, 68, 2)
-    out: dict = {"what": "smoothing", "machine": _machine(), "command": "python -m jobs.bench " + " ".join(sys.argv[1:])}
+    out: dict = {"what": "smoothing", "machine": _machine(), "command": args.command}
     with tempfile.TemporaryDirectory() as tmp:
         # a still face: the clip's first frame repeated, with fresh sensor noise in every frame
         first = next(iter(read_frames(clip, 0, 1))).image

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -43,8 +44,12 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
 
 
 def run_main(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int], argv: Sequence[str] | None) -> int:
-    """Parse, run, and map failures to exit codes: UsageError -> 2, Ctrl-C -> 130."""
+    """Parse, run, and map failures to exit codes: UsageError -> 2, Ctrl-C -> 130.
+
+    ``args.command`` is the command line as typed (recorded in model metadata and reports).
+    """
     args = parser.parse_args(argv)
+    args.command = f"python -m {prog} " + shlex.join(sys.argv[1:] if argv is None else [str(a) for a in argv])
     setup_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
     try:
         return run(args)

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     from fkp_core.detector import HAAR_PRESETS, HaarDetector
     from fkp_core.landmarks import Landmarker
     from fkp_core.viz import ced_plot, write_png
-    from fkp_core.weights import ModelFileError, default_model_path, load_model
+    from fkp_core.weights import ModelFileError, load_model
     from jobs.train import default_data_dir
 
     if args.threads:
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "model": str(loaded.path), "model_sha256": loaded.metadata.get("sha256"), "detector": args.detector,
         "detect_scale": args.detect_scale, "refine": args.refine, "threshold": args.threshold,
-        "command": "python -m jobs.evaluate " + " ".join(sys.argv[1:] if args._argv is None else args._argv),
+        "command": args.command,
         "sources": {},
     }
     curves = {}
@@ -171,13 +171,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-
-    def _run(args: argparse.Namespace) -> int:
-        args._argv = argv
-        return run(args)
-
-    return run_main("jobs.evaluate", parser, _run, argv)
+    return run_main("jobs.evaluate", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

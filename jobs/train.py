@@ -22,7 +22,7 @@ import tempfile
 import time
 import urllib.request
 import zipfile
-from dataclasses import asdict, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -424,7 +424,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     extra = {
-        "command": "python -m jobs.train " + " ".join(sys.argv[1:] if args._argv is None else args._argv),
+        "command": args.command,
         "sources": _source_dicts(train_sources),
         "val_sources": _source_dicts(val_sources),
         "workers": num_workers,
@@ -452,13 +452,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-
-    def _run(args: argparse.Namespace) -> int:
-        args._argv = argv
-        return run(args)
-
-    return run_main("jobs.train", parser, _run, argv)
+    return run_main("jobs.train", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,5 @@
 import json
-import pickle
 
-import numpy as np
 import pytest
 import torch
 

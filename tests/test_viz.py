@@ -1,5 +1,4 @@
 import numpy as np
-import torch
 
 from conftest import mean_face
 from fkp_core.metrics import ced
