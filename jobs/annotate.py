@@ -108,8 +108,6 @@ class VideoPlan:
     info: dict | None = None
     error: str | None = None
     segments: list[tuple[int, int | None]] = field(default_factory=list)
-    done: dict[int, dict] = field(default_factory=dict)  # segment start -> stats
-    started: float = 0.0
 
 
 def segment_name(start: int, end: int | None) -> str:
@@ -249,8 +247,11 @@ def run_segment(path: str, video_id: str, start: int, end: int | None, settings:
     out = open_output(settings.out)
     target = out.path("_segments", video_id, segment_name(start, end))
     if out.exists(target):
-        meta = out.read_table(target).schema.metadata or {}
-        return {**json.loads(meta.get(b"fkp_stats", b"{}")), "skipped": True}
+        try:
+            meta = out.read_table(target).schema.metadata or {}
+            return {**json.loads(meta[b"fkp_stats"]), "skipped": True}
+        except Exception as exc:  # noqa: BLE001 - a damaged file from an earlier run is simply redone
+            log.warning("%s: unreadable (%s); annotating the segment again", target, exc)
     cv2.setNumThreads(1)
     lm = _local_landmarker(settings.model, "cpu") if not actors else None
     if actors:
@@ -472,13 +473,11 @@ def _is_finished(out, video_id: str, want_render: bool) -> dict | None:
     return record
 
 
-def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def _check_args(args: argparse.Namespace):
+    """Usage checks that need no Ray: inputs, output, render folder, flags, model. -> (paths, out, settings)."""
+    from fkp_core.tables import open_output
+    from fkp_core.video import find_media
 
-    from fkp_core.tables import open_output, videos_table
-    from fkp_core.video import find_media, video_id
-
-    # ---- usage checks first: they need no Ray ----
     try:
         paths = find_media(args.inputs)
     except FileNotFoundError as exc:
@@ -498,29 +497,11 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UsageError(f"--render {args.render}: {exc.strerror}") from None
         args.render = str(Path(args.render).resolve())
-    settings = _settings(args, "cpu")  # validates flags and the model before Ray starts
+    return paths, out, _settings(args, "cpu")
 
-    import ray
 
-    mode = init_ray(num_cpus=args.num_cpus, quiet=not args.verbose)
-    _check_shared(out, "--out")
-    if args.render:
-        _check_shared(open_output(args.render), "--render")
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    if args.device == "cuda" and gpus == 0:
-        if mode == "local":
-            raise UsageError("--device cuda, but this machine has no GPU Ray can use")
-        log.warning("no GPU in the cluster yet: asking for them, the autoscaler has to add GPU nodes")
-    use_gpu = args.device == "cuda" or (args.device == "auto" and gpus > 0)
-    n_actors = args.model_actors if args.model_actors is not None else (max(1, gpus) if use_gpu else 0)
-    # with model actors every frame costs a round trip: batch frames into chunks when detecting on all of them
-    settings = replace(settings, device="cuda" if use_gpu else "cpu",
-                       annotate=replace(settings.annotate, chunk_frames=16 if n_actors else 1))
-    log.info("%d input(s); %s Ray with %d CPU / %d GPU; CNN %s", len(paths), mode,
-             int(ray.cluster_resources().get("CPU", 0)), gpus,
-             f"on {n_actors} model actor(s) ({settings.device})" if n_actors else "inside each segment task (CPU)")
-
-    plans = [VideoPlan(str(p), video_id(p)) for p in paths]
+def _select(plans: list[VideoPlan], out, args: argparse.Namespace) -> tuple[dict[str, dict], list[dict], list[VideoPlan]]:
+    """Split inputs into finished (their records), finished but missing a requested render, and to do."""
     records: dict[str, dict] = {}
     to_render: list[dict] = []
     todo: list[VideoPlan] = []
@@ -530,127 +511,170 @@ def run(args: argparse.Namespace) -> int:
                 if out.exists(path):
                     out.fs.delete_file(path)
             out.remove_dir(out.segment_dir(plan.video_id))
-            continue_plan = True
-        else:
-            done = _is_finished(out, plan.video_id, bool(args.render))
-            continue_plan = done is None
-            if done is not None:
-                if done.pop("_needs_render", False):
-                    to_render.append(done)
-                else:
-                    records[plan.video_id] = done
-        if continue_plan:
             todo.append(plan)
+            continue
+        done = _is_finished(out, plan.video_id, bool(args.render))
+        if done is None:
+            todo.append(plan)
+        elif done.pop("_needs_render", False):
+            to_render.append(done)
+        else:
+            records[plan.video_id] = done
     if len(todo) < len(plans):
         log.info("%d of %d input(s) already finished in %s (use --overwrite to redo them)", len(plans) - len(todo), len(plans), out.uri)
+    return records, to_render, todo
 
-    actors = []
-    if n_actors and todo:
-        actor_cls = ray.remote(ModelActor)
-        run_id = f"{os.getpid()}-{int(time.time())}"
-        actors = [
-            actor_cls.options(
-                num_cpus=1 if use_gpu else 0.5, num_gpus=1 if use_gpu else 0, max_restarts=-1, max_task_retries=-1,
-                max_concurrency=64, name=f"fkp-model-{run_id}-{i}", namespace=ACTOR_NAMESPACE,
-            ).remote(settings.model, settings.device)
-            for i in range(n_actors)
-        ]
 
+def _plan(plan: VideoPlan, info: dict, out, settings: Settings, slots: int) -> None:
+    """Cut a video into segments; drop segments an earlier run wrote with other settings."""
+    plan.info = info
+    seg_len = settings.segment_frames or auto_segment_frames(info["frames"], slots)
+    plan.segments = plan_segments(info["frames"], info["exact"], seg_len)
+    plan_file = out.path("_segments", plan.video_id, "plan.json")
+    wanted = {"segments": [list(s) for s in plan.segments], "model": settings.model_name,
+              "annotate": repr(settings.annotate), "haar": repr(settings.haar)}
+    if out.exists(plan_file) and out.read_json(plan_file) != wanted:
+        log.info("%s: discarding segments written with other settings", plan.path)
+        out.remove_dir(out.segment_dir(plan.video_id))
+    if not out.exists(plan_file):
+        out.write_json(plan_file, wanted)
+
+
+def _start_actors(n: int, use_gpu: bool, settings: Settings) -> list:
+    import ray
+
+    run_id = f"{os.getpid()}-{int(time.time())}"
+    return [
+        ray.remote(ModelActor).options(
+            num_cpus=1 if use_gpu else 0.5, num_gpus=1 if use_gpu else 0, max_restarts=-1, max_task_retries=-1,
+            max_concurrency=64, name=f"fkp-model-{run_id}-{i}", namespace=ACTOR_NAMESPACE,
+        ).remote(settings.model, settings.device)
+        for i in range(n)
+    ]
+
+
+def _write_videos_table(out) -> None:
+    """OUT/_videos.parquet from every status record in OUT (earlier runs included)."""
+    from fkp_core.tables import videos_table
+
+    records = [out.read_json(f) for f in out.listdir(out.path("_status")) if f.endswith(".json")]
+    out.write_table(out.path("_videos.parquet"), videos_table(sorted(records, key=lambda r: r["path"])))
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+    from tqdm import tqdm
+
+    from fkp_core.tables import open_output
+    from fkp_core.video import video_id
+
+    paths, out, settings = _check_args(args)
+    mode = init_ray(num_cpus=args.num_cpus, quiet=not args.verbose)
+    _check_shared(out, "--out")
+    if args.render:
+        _check_shared(open_output(args.render), "--render")
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if args.device == "cuda" and gpus == 0:
+        if mode == "local":
+            raise UsageError("--device cuda, but this machine has no GPU Ray can use")
+        log.warning("no GPU in the cluster yet: asking for them, the autoscaler has to add GPU nodes")
+    use_gpu = args.device == "cuda" or (args.device == "auto" and gpus > 0)
+    n_actors = args.model_actors if args.model_actors is not None else (max(1, gpus) if use_gpu else 0)
+    # with model actors every frame costs a round trip: batch frames into chunks when detecting on all of them
+    settings = replace(settings, device="cuda" if use_gpu else "cpu",
+                       annotate=replace(settings.annotate, chunk_frames=16 if n_actors else 1))
+    log.info("%d input(s); %s Ray with %d CPU / %d GPU; CNN %s", len(paths), mode, int(resources.get("CPU", 0)), gpus,
+             f"on {n_actors} model actor(s) ({settings.device})" if n_actors else "inside each segment task (CPU)")
+
+    plans = [VideoPlan(str(p), video_id(p)) for p in paths]
+    records, to_render, todo = _select(plans, out, args)
+    actors = _start_actors(n_actors, use_gpu, settings) if n_actors and todo else []
     probe_remote = ray.remote(probe_video).options(num_cpus=0.25, max_retries=args.max_retries)
     segment_remote = ray.remote(run_segment).options(num_cpus=args.cpus_per_segment, max_retries=args.max_retries)
     finalize_remote = ray.remote(finalize_video).options(num_cpus=0.25, max_retries=args.max_retries)
     render_remote = ray.remote(render_video).options(num_cpus=1, max_retries=args.max_retries)
 
-    slots = max(1, int(ray.cluster_resources().get("CPU", 1) / args.cpus_per_segment))
     started = time.perf_counter()
-    probes = dict(zip([p.video_id for p in todo], ray.get([probe_remote.remote(p.path) for p in todo]))) if todo else {}
+    slots = max(1, int(resources.get("CPU", 1) / args.cpus_per_segment))
     queue: deque = deque()
-    total_frames = 0
-    for plan in todo:
-        res = probes[plan.video_id]
-        if "error" in res:
-            plan.error = res["error"]
-            records[plan.video_id] = failed_record(plan, settings, plan.error)
+    for plan, probed in zip(todo, ray.get([probe_remote.remote(p.path) for p in todo])):
+        if "error" in probed:
+            records[plan.video_id] = failed_record(plan, settings, probed["error"])
             out.write_json(out.status_path(plan.video_id), records[plan.video_id])
             continue
-        plan.info = res["info"]
-        seg_len = settings.segment_frames or auto_segment_frames(plan.info["frames"], slots)
-        plan.segments = plan_segments(plan.info["frames"], plan.info["exact"], seg_len)
-        seg_dir = out.segment_dir(plan.video_id)
-        plan_file = out.path("_segments", plan.video_id, "plan.json")
-        wanted = {"segments": plan.segments, "model": settings.model_name, "annotate": repr(settings.annotate), "haar": repr(settings.haar)}
-        if out.exists(plan_file) and out.read_json(plan_file) != {**wanted, "segments": [list(s) for s in plan.segments]}:
-            log.info("%s: discarding segments written with other settings", plan.path)
-            out.remove_dir(seg_dir)
-        if not out.exists(plan_file):
-            out.write_json(plan_file, wanted)
-        total_frames += plan.info["frames"]
-        for start, end in plan.segments:
-            queue.append((plan, start, end))
+        _plan(plan, probed["info"], out, settings, slots)
+        queue.extend((plan, start, end) for start, end in plan.segments)
 
-    max_inflight = max(4, int(2 * ray.cluster_resources().get("CPU", 2)))
-    inflight: dict = {}
     remaining = {p.video_id: len(p.segments) for p in todo if p.info}
+    broken: dict[str, str] = {}  # video -> error of a segment task that raised (a bug, not bad data)
+    max_inflight = max(4, 2 * slots)
+    inflight: dict = {}
     frames_done = 0
-    bar = tqdm(total=total_frames, unit="frame", disable=args.quiet or not todo, dynamic_ncols=True, desc="annotate")
+    bar = tqdm(total=sum(p.info["frames"] for p in todo if p.info), unit="frame", disable=args.quiet or not todo,
+               dynamic_ncols=True, desc="annotate")
 
-    def submit_segments():
+    def submit_segments() -> None:
         while queue and len(inflight) < max_inflight:
             plan, start, end = queue.popleft()
-            if not plan.started:
-                plan.started = time.perf_counter()
-            ref = segment_remote.remote(plan.path, plan.video_id, start, end, settings, actors)
-            inflight[ref] = ("segment", plan, start)
+            inflight[segment_remote.remote(plan.path, plan.video_id, start, end, settings, actors)] = ("segment", plan)
 
     for record in to_render:
-        inflight[render_remote.remote(record, settings)] = ("render", record, None)
+        inflight[render_remote.remote(record, settings)] = ("render", record)
     submit_segments()
     try:
         while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            ref = ready[0]
-            kind, obj, start = inflight.pop(ref)
-            result = ray.get(ref)
+            (ref,), _ = ray.wait(list(inflight), num_returns=1)
+            kind, obj = inflight.pop(ref)
+            vid = obj.video_id if isinstance(obj, VideoPlan) else obj["video_id"]
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:  # one input's failure never stops the others
+                error = f"{kind} task failed: {str(exc).strip().splitlines()[-1]}"
+                if kind == "segment":
+                    broken.setdefault(vid, error)
+                    result = {}
+                else:
+                    plan = obj if isinstance(obj, VideoPlan) else VideoPlan(obj["path"], vid, info=None)
+                    records[vid] = failed_record(plan, settings, error) if kind == "finalize" else {**obj, "error": error}
+                    out.write_json(out.status_path(vid), records[vid])
+                    submit_segments()
+                    continue
             if kind == "segment":
-                obj.done[start] = result
                 frames_done += result.get("frames", 0)
                 bar.update(result.get("frames", 0))
-                remaining[obj.video_id] -= 1
-                if remaining[obj.video_id] == 0:
-                    inflight[finalize_remote.remote(asdict_plan(obj), settings)] = ("finalize", obj, None)
+                remaining[vid] -= 1
+                if remaining[vid] == 0 and vid in broken:
+                    records[vid] = failed_record(obj, settings, broken[vid])
+                    out.write_json(out.status_path(vid), records[vid])
+                elif remaining[vid] == 0:
+                    inflight[finalize_remote.remote(asdict_plan(obj), settings)] = ("finalize", obj)
             elif kind == "finalize":
-                records[obj.video_id] = result
+                records[vid] = result
                 if args.render and result["status"] != "failed":
-                    inflight[render_remote.remote(result, settings)] = ("render", result, None)
-                bar.set_postfix(videos=f"{sum(1 for r in records.values())}/{len(plans)}", refresh=False)
+                    inflight[render_remote.remote(result, settings)] = ("render", result)
+                bar.set_postfix(videos=f"{len(records)}/{len(plans)}", refresh=False)
             else:
-                records[result["video_id"]] = result
+                records[vid] = result
             submit_segments()
     finally:
         bar.close()
     elapsed = time.perf_counter() - started
-
-    # the per-video table covers every video ever finished in this output folder
-    all_records = []
-    for status_file in out.listdir(out.path("_status")):
-        if status_file.endswith(".json"):
-            all_records.append(out.read_json(status_file))
-    all_records.sort(key=lambda r: r["path"])
-    out.write_table(out.path("_videos.parquet"), videos_table(all_records))
+    _write_videos_table(out)
 
     mine = [records[p.video_id] for p in plans if p.video_id in records]
     counts = {s: sum(1 for r in mine if r["status"] == s) for s in ("ok", "partial", "failed")}
-    faces = sum(r.get("faces") or 0 for r in mine)
     for r in mine:
-        if r["status"] != "ok":
+        if r["status"] != "ok" or r.get("error"):
             log.warning("%s: %s", r["status"], r.get("error") or r["path"])
     fps = frames_done / elapsed if elapsed > 0 else 0.0
     print(
         f"{len(mine)} input(s): {counts['ok']} ok, {counts['partial']} partial, {counts['failed']} failed; "
-        f"{frames_done} frames annotated this run, {faces} faces in total; {elapsed:.1f} s ({fps:.1f} frames/s); "
-        f"tables in {out.uri}" + (f", videos in {args.render}" if args.render else "")
+        f"{frames_done} frames annotated this run, {sum(r.get('faces') or 0 for r in mine)} faces in total; "
+        f"{elapsed:.1f} s ({fps:.1f} frames/s); tables in {out.uri}" + (f", videos in {args.render}" if args.render else "")
     )
-    return EXIT_OK if counts["partial"] == 0 and counts["failed"] == 0 else EXIT_FAILED
+    ok = counts["partial"] == 0 and counts["failed"] == 0 and not any(r.get("error") for r in mine if r["status"] == "ok")
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 def asdict_plan(plan: VideoPlan) -> dict:

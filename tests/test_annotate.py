@@ -100,6 +100,30 @@ def test_output_as_a_filesystem_uri(tmp_path):
     assert len(faces(out)) == SAMPLE_FRAMES and videos(out).iloc[0].status == "ok"
 
 
+def test_a_damaged_segment_file_is_redone(tmp_path, reference_rows):
+    """A segment file an earlier run left damaged (storage trouble) is annotated again, not trusted."""
+    from dataclasses import replace
+
+    from fkp_core.video import probe
+
+    src = tmp_path / "clip.mp4"
+    shutil.copy(SAMPLE, src)
+    out = tmp_path / "out"
+    flags = [str(src), "--out", str(out), "--segment-frames", "64"]
+    args = annotate.build_parser().parse_args(flags)
+    _, output, settings = annotate._check_args(args)
+    settings = replace(settings, annotate=replace(settings.annotate, chunk_frames=1))  # as run() sets it without actors
+    info = probe(src)
+    plan = annotate.VideoPlan(str(src), video_id(src))
+    annotate._plan(plan, {"frames": info.frames, "exact": info.frames_exact, "fps": info.fps, "width": info.width,
+                          "height": info.height}, output, settings, slots=2)
+    damaged = out / "_segments" / video_id(src) / annotate.segment_name(64, 128)
+    damaged.write_bytes(b"PAR1 not really parquet")
+    assert run(*flags) == 0
+    rows = faces(out)
+    assert sorted(zip(rows.frame_index, rows.face_index)) == reference_rows("--segment-frames", "64")
+
+
 def test_bad_inputs_fail_alone_and_exit_1(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
