@@ -43,6 +43,8 @@ class AnnotateConfig:
     refine: int = 1  # extra CNN passes re-cropped around the prediction, on detection frames
     chunk_frames: int = 1  # > 1 with detect_every 1: batch the CNN over this many frames (model actors)
     min_confidence: float = 0.5  # fast path: below this a tracked face is re-detected at once
+    # a tracked face the detector has not seen for this many frames (and at least 2 detection frames) is dropped
+    max_unconfirmed_frames: int = 10
     min_face: int = 0  # faces smaller than this many pixels (box side) are ignored
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
 
@@ -221,48 +223,54 @@ class SegmentAnnotator:
     def _run_fast_path(self, frames: Iterator[_Frame]) -> None:
         K = self.config.detect_every
         thr = self.config.min_confidence
+        max_misses = max(2, -(-self.config.max_unconfirmed_frames // K))
         prev = np.zeros((0, NUM_KEYPOINTS, 2), np.float32)
+        misses = np.zeros(0, int)  # detection frames in a row on which the detector did not see the tracked face
         since = K  # frames since the last detection; K forces one on the first frame
         for frame in frames:
             if frame.cut:  # a new shot: nothing carries over, look again
-                prev, since = prev[:0], K
+                prev, misses, since = prev[:0], misses[:0], K
             # every tracked face: crop around its previous keypoints, predict again
             t_boxes = box_from_keypoints(prev) if len(prev) else np.zeros((0, 4))
             t_kps = self._predict([frame.gray], [t_boxes])[0] if len(prev) else prev
             t_conf = self._consistency(t_boxes, t_kps)
-            t_kps, t_boxes, t_conf = _dedupe(t_kps, t_boxes, t_conf)
+            keep = _dedupe(t_kps, t_conf)
+            t_kps, t_boxes, t_conf, t_misses = t_kps[keep], t_boxes[keep], t_conf[keep], misses[keep]
             ok = t_conf >= thr
             if since >= K or not ok.all():
                 since = 1
                 boxes = self._detect(frame.gray).astype(np.float64)
-                kept_boxes = box_from_keypoints(t_kps[ok]) if ok.any() else np.zeros((0, 4))
-                matched = np.zeros(int(ok.sum()), bool)
+                matched = np.zeros(len(t_kps), bool)
                 new = np.ones(len(boxes), bool)
                 if len(boxes) and ok.any():
-                    overlap = iou(boxes, kept_boxes) > 0.3
+                    overlap = (iou(boxes, box_from_keypoints(t_kps)) > 0.3) & ok[None, :]
                     new = ~overlap.any(axis=1)
                     matched = overlap.any(axis=0)
+                # a tracked face the detector missed stays while its fit holds, but only for a few
+                # detection frames: the fit cannot tell a face from a patch that merely looks stable
+                t_misses = np.where(matched, 0, t_misses + 1)
+                stay = ok & (t_misses <= max_misses)
                 d_kps, d_conf = self._predict_refined([frame.gray], [boxes[new]])
-                out_kps = np.concatenate([t_kps[ok], d_kps[0]]).astype(np.float32)
-                out_boxes = np.concatenate([t_boxes[ok], boxes[new]])
-                detected = np.concatenate([matched, np.ones(int(new.sum()), bool)])
-                out_conf = np.concatenate([t_conf[ok], d_conf[0]])
+                out_kps = np.concatenate([t_kps[stay], d_kps[0]]).astype(np.float32)
+                out_boxes = np.concatenate([t_boxes[stay], boxes[new]])
+                detected = np.concatenate([matched[stay], np.ones(int(new.sum()), bool)])
+                out_conf = np.concatenate([t_conf[stay], d_conf[0]])
+                misses = np.concatenate([t_misses[stay], np.zeros(int(new.sum()), int)])
             else:
                 since += 1
-                out_kps, out_boxes, detected, out_conf = t_kps, t_boxes, np.zeros(len(t_kps), bool), t_conf
+                out_kps, out_boxes, detected, out_conf, misses = t_kps, t_boxes, np.zeros(len(t_kps), bool), t_conf, t_misses
             self._emit(frame, out_boxes, out_kps, detected, out_conf)
             prev = out_kps
 
 
-def _dedupe(kps: np.ndarray, boxes: np.ndarray, conf: np.ndarray, max_iou: float = 0.5):
-    """Two tracks that converged on one face: keep the more confident."""
+def _dedupe(kps: np.ndarray, conf: np.ndarray, max_iou: float = 0.5) -> np.ndarray:
+    """Indices of the tracks to keep when two converged on one face (the more confident stays), in order."""
     if len(kps) < 2:
-        return kps, boxes, conf
+        return np.arange(len(kps))
     order = np.argsort(-conf, kind="stable")
     fitted = box_from_keypoints(kps)
     keep: list[int] = []
     for i in order:
         if not keep or iou(fitted[i : i + 1], fitted[keep]).max() <= max_iou:
             keep.append(int(i))
-    keep.sort()
-    return kps[keep], boxes[keep], conf[keep]
+    return np.array(sorted(keep), int)

@@ -126,14 +126,16 @@ def auto_segment_frames(frames: int, slots: int) -> int:
     return int(max(MIN_SEGMENT_FRAMES, -(-frames // count)))
 
 
-def plan_segments(frames: int, exact: bool, segment_frames: int) -> list[tuple[int, int | None]]:
-    """Deterministic [start, end) ranges; the last one open-ended when the frame count is an estimate."""
+def plan_segments(frames: int, segment_frames: int) -> list[tuple[int, int | None]]:
+    """Deterministic [start, end) ranges; the last is open-ended (None: to the end of the file).
+
+    Frame counts from containers can be off (an estimate, or a last frame whose timestamp skips
+    an index): the last segment decodes whatever the file holds after its start.
+    """
     if frames <= 0:
         return [(0, None)]
-    bounds = list(range(0, frames, segment_frames))
-    segs: list[tuple[int, int | None]] = [(s, min(s + segment_frames, frames)) for s in bounds]
-    if not exact:
-        segs[-1] = (segs[-1][0], None)
+    segs: list[tuple[int, int | None]] = [(s, min(s + segment_frames, frames)) for s in range(0, frames, segment_frames)]
+    segs[-1] = (segs[-1][0], None)
     return segs
 
 
@@ -529,7 +531,7 @@ def _plan(plan: VideoPlan, info: dict, out, settings: Settings, slots: int) -> N
     """Cut a video into segments; drop segments an earlier run wrote with other settings."""
     plan.info = info
     seg_len = settings.segment_frames or auto_segment_frames(info["frames"], slots)
-    plan.segments = plan_segments(info["frames"], info["exact"], seg_len)
+    plan.segments = plan_segments(info["frames"], seg_len)
     plan_file = out.path("_segments", plan.video_id, "plan.json")
     wanted = {"segments": [list(s) for s in plan.segments], "model": settings.model_name,
               "annotate": repr(settings.annotate), "haar": repr(settings.haar)}
