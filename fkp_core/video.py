@@ -27,10 +27,15 @@ portrait video as landscape plus a rotation) and ``read_frames(upright=True)`` a
 detectors that need upright faces; keypoints are then in display coordinates.
 
 Still images (``IMAGE_EXTENSIONS``, or a file FFmpeg recognises as an image) are 1-frame videos.
+
+Inputs are local paths or pyarrow filesystem URIs (``s3://bucket/clips/a.mp4``, ``gs://...``,
+``hdfs://...``, ``file:///...``): a URI is read through ``pyarrow.fs`` (random access, so seeking
+works as on a local file), which lets cluster workers read the videos from an object store.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
 import os
@@ -41,12 +46,15 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
+from urllib.parse import urlsplit
 
 import av
 import cv2
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 
 VIDEO_EXTENSIONS: tuple[str, ...] = (
     ".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts",
@@ -162,10 +170,73 @@ class DecodeStats:
         return max(0, self.expected(total_frames) - self.decoded)
 
 
+# ---- files named by URI ----------------------------------------------------------------------------
+
+def is_uri(path: str | os.PathLike) -> bool:
+    """True for ``scheme://...`` names, which are read through pyarrow's filesystems."""
+    return isinstance(path, str) and "://" in path
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file named by a pyarrow filesystem URI: the few ``Path`` attributes this module uses."""
+
+    uri: str
+
+    def __str__(self) -> str:
+        return self.uri
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(urlsplit(self.uri).path).name
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.name).suffix
+
+    @property
+    def stem(self) -> str:
+        return PurePosixPath(self.name).stem
+
+    def filesystem(self) -> tuple[pafs.FileSystem, str]:
+        """(filesystem, path inside it); VideoError when pyarrow cannot open the URI."""
+        try:
+            return pafs.FileSystem.from_uri(self.uri)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise VideoError(self.uri, f"cannot open this URI ({exc})") from None
+
+    def open(self) -> pa.NativeFile:
+        fs, inner = self.filesystem()
+        try:
+            return fs.open_input_file(inner)
+        except PermissionError:
+            raise VideoError(self.uri, "permission denied (file not readable)") from None
+        except (pa.ArrowException, OSError) as exc:
+            raise VideoError(self.uri, f"cannot read file: {exc}") from None
+
+
+def _check_remote(r: RemoteFile) -> RemoteFile:
+    fs, inner = r.filesystem()
+    try:
+        info = fs.get_file_info(inner)
+    except (pa.ArrowException, OSError) as exc:
+        raise VideoError(r.uri, f"cannot read file: {exc}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise VideoError(r.uri, "file not found")
+    if info.type == pafs.FileType.Directory:
+        raise VideoError(r.uri, "is a directory, not a video")
+    with r.open() as f:
+        if not f.read(1):
+            raise VideoError(r.uri, "empty file (0 bytes)")
+    return r
+
+
 # ---- checks shared by probe and read_frames ------------------------------------------------------
 
-def _check_readable(path: str | os.PathLike) -> Path:
+def _check_readable(path: str | os.PathLike) -> Path | RemoteFile:
     """Turn the usual file-system failures into a VideoError with a plain reason."""
+    if is_uri(path):
+        return _check_remote(RemoteFile(str(path)))
     p = Path(path)
     if not p.exists():
         raise VideoError(p, "file not found")
@@ -183,9 +254,10 @@ def _check_readable(path: str | os.PathLike) -> Path:
     return p
 
 
-def _open(p: Path) -> av.container.InputContainer:
+def _open(p: Path | RemoteFile) -> av.container.InputContainer:
     try:
-        return av.open(str(p), "r")
+        # the container keeps the pyarrow file (closed when the container is released)
+        return av.open(p.open() if isinstance(p, RemoteFile) else str(p), "r")
     except av.error.FFmpegError as e:
         raise VideoError(p, f"not a video or image FFmpeg can read ({_ffmpeg_reason(e)})") from None
 
@@ -303,7 +375,11 @@ def _probe_image(p: Path, codec: str | None = None) -> VideoInfo:
 
 def _decode_image(p: Path, gray: bool) -> np.ndarray:
     """cv2.imdecode (which applies EXIF orientation, so the pixels are upright)."""
-    data = np.fromfile(p, dtype=np.uint8)
+    if isinstance(p, RemoteFile):
+        with p.open() as f:
+            data = np.frombuffer(f.read(), dtype=np.uint8)
+    else:
+        data = np.fromfile(p, dtype=np.uint8)
     img = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR)
     if img is None:
         raise VideoError(p, "not an image OpenCV can decode")
@@ -755,17 +831,21 @@ def _walk(root: Path) -> Iterable[Path]:
                 yield p
 
 
-def find_media(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """The media files named by ``inputs`` (files, folders, glob patterns): resolved, unique, sorted.
+def find_media(inputs: Iterable[str | os.PathLike]) -> list[Path | str]:
+    """The media files named by ``inputs`` (files, folders, glob patterns, URIs): unique, sorted.
 
-    A name typed by the user is taken as is, whatever its extension (the job records it as failed
-    if it is not a video); a file *found* in a folder or by a glob must have a video or image
-    extension (any case) and not be hidden. A missing plain input raises FileNotFoundError; a
-    folder or pattern matching nothing contributes nothing (the caller decides).
+    Local files come back as resolved ``Path``s, files named by URI as URI strings. A name typed
+    by the user is taken as is, whatever its extension (the job records it as failed if it is not
+    a video); a file *found* in a folder or by a glob must have a video or image extension (any
+    case) and not be hidden. A missing plain input raises FileNotFoundError (an unusable URI:
+    ValueError); a folder or pattern matching nothing contributes nothing (the caller decides).
     """
-    found: set[Path] = set()
+    found: set[Path | str] = set()
     for item in inputs:
         text = os.fspath(item)
+        if is_uri(text):
+            found.update(_find_remote(text))
+            continue
         if glob.has_magic(text) and not Path(text).expanduser().exists():  # "clip [1].mp4" is a name
             for match in glob.glob(os.path.expanduser(text), recursive=True):
                 m = Path(match)
@@ -784,11 +864,50 @@ def find_media(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return sorted(found, key=str)
 
 
+def _find_remote(uri: str) -> list[str]:
+    """``find_media`` for one URI: a file, a folder (recursive) or a glob pattern in its path."""
+    parts = urlsplit(uri)
+    pattern = glob.has_magic(parts.path)
+    if pattern:  # list the folder before the first wildcard, match the pattern against what is there
+        head = parts.path[: re.search(r"[*?[]", parts.path).start()].rsplit("/", 1)[0]
+        parts_dir = parts._replace(path=head or "/")
+    else:
+        parts_dir = parts
+    try:
+        fs, root = pafs.FileSystem.from_uri(parts_dir.geturl())
+        info = fs.get_file_info(root)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise ValueError(f"{uri}: cannot open this input location ({exc})") from None
+
+    def as_uri(inner: str) -> str:  # the same scheme, host and query, this path
+        return parts_dir._replace(path=parts_dir.path.rstrip("/") + inner[len(root.rstrip("/")):]).geturl()
+
+    if info.type == pafs.FileType.File and not pattern:
+        return [uri]
+    if info.type != pafs.FileType.Directory:
+        if pattern:
+            return []
+        raise FileNotFoundError(f"input not found: {uri}")
+    listing = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    found = []
+    for f in listing:
+        rel = f.path[len(root.rstrip("/")):].lstrip("/")
+        if f.type != pafs.FileType.File or any(part.startswith(".") for part in rel.split("/")):
+            continue
+        child = as_uri(f.path)
+        if pattern and not fnmatch.fnmatchcase(urlsplit(child).path, parts.path):
+            continue
+        if PurePosixPath(rel).suffix.lower() in MEDIA_EXTENSIONS:
+            found.append(child)
+    return found
+
+
 def video_id(path: str | os.PathLike) -> str:
     """A stable, file-name-safe id: the sanitised stem + '-' + 8 hex of sha1(resolved absolute path).
 
-    The stem keeps ids readable; the hash keeps two ``clip.mp4`` in different folders apart.
+    The stem keeps ids readable; the hash keeps two ``clip.mp4`` in different folders apart. A
+    URI is hashed as written.
     """
-    p = Path(path).expanduser().resolve()
+    p = RemoteFile(path) if is_uri(path) else Path(path).expanduser().resolve()
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", p.stem).strip("._-")[:64] or "video"
     return f"{stem}-{hashlib.sha1(str(p).encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"

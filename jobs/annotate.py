@@ -44,6 +44,7 @@ log = logging.getLogger("fkp.annotate")
 
 MAX_SEGMENT_FRAMES = 1800  # the automatic segment size: a minute at 30 fps at most (what a retry redoes) ...
 MIN_SEGMENT_FRAMES = 150  # ... and not so short that seeking and start-up dominate
+CASCADE_WINDOW = 24  # pixels: the frontal Haar cascade's detection window
 ACTOR_NAMESPACE = "fkp"  # model actors are named fkp-model-<run>-<i> here (ray list actors, ray.get_actor)
 
 
@@ -51,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fkp_core.filters import FILTERS
 
     p = Parser(prog="python -m jobs.annotate", description=__doc__.split("\n\n")[0])
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="video/image files, directories (searched recursively) or glob patterns")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="video/image files, directories (searched recursively) or glob patterns; local paths or "
+                        "pyarrow filesystem URIs (s3://bucket/videos/, gs://..., file:///...)")
     p.add_argument("--out", required=True, help="output folder (local path or pyarrow filesystem URI such as s3://bucket/run)")
     p.add_argument("--render", metavar="DIR", default=None, help="also write one annotated video (or image) per input to DIR")
     p.add_argument("--filter", default="keypoints", metavar="NAMES",
@@ -64,8 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"of at most {MAX_SEGMENT_FRAMES} frames in whole rounds over the cluster's segment slots, at least {MIN_SEGMENT_FRAMES})")
     g.add_argument("--detect-every", type=int, default=1, metavar="K",
                    help="run the face detector every K frames and track faces from their keypoints in between (fast path); 1 = detect on every frame")
-    g.add_argument("--detect-scale", type=float, default=0.5, help="detect on a frame scaled by this factor (faster; faces smaller than --min-face / scale are missed)")
-    g.add_argument("--min-face", type=int, default=40, help="smallest face to detect, in pixels of the full frame")
+    g.add_argument("--min-face", type=int, default=64,
+                   help="smallest face to detect, in pixels of the full frame (lower it for crowds and small faces: detection gets slower)")
+    g.add_argument("--detect-scale", type=float, default=None,
+                   help=f"detect on the frame scaled by this factor (default: {CASCADE_WINDOW} / --min-face, capped at 1, which "
+                        "shrinks the smallest face to the cascade's window: the fastest scale that still sees it)")
     g.add_argument("--scale-factor", type=float, default=1.2,
                    help="Haar image-pyramid step: larger is faster and finds fewer faces (OpenCV's default 1.1: ~1.7x slower)")
     g.add_argument("--detector", default="fast", choices=["fast", "recall"], help="Haar preset: fast = frontal cascade; recall = frontal + profile cascades, more faces, ~3x slower")
@@ -407,29 +413,51 @@ def _check_output(out) -> None:
         raise UsageError(f"--out {out.uri}: not writable ({exc})") from None
 
 
-def _check_shared(out, what: str) -> None:
-    """On a multi-node cluster, every node must see the same output folder."""
+def _unseen_on_nodes(paths: list[str]) -> tuple[list[str], int]:
+    """Ask every alive node which of these local paths it cannot see -> (unseen paths, nodes lacking any)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    @ray.remote(num_cpus=0)
+    def unseen(names: list[str]) -> list[str]:
+        return [n for n in names if not os.path.exists(n)]
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    per_node = ray.get([unseen.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(paths)
+                        for n in nodes])
+    missing = sorted({name for names in per_node for name in names})
+    return missing, sum(1 for names in per_node if names)
+
+
+def _check_shared(out, what: str) -> None:
+    """On a multi-node cluster, every node must see the same output folder."""
     if not out.is_local or cluster_node_count() <= 1:
         return
     marker = out.path(f"_shared_check_{os.getpid()}")
     out.write_bytes(marker, b"ok")
-
-    @ray.remote(num_cpus=0)
-    def sees(path: str) -> bool:
-        return os.path.exists(path)
-
     try:
-        nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
-        seen = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(marker) for n in nodes])
+        missing, nodes = _unseen_on_nodes([marker])
     finally:
         out.fs.delete_file(marker)
-    if not all(seen):
+    if missing:
         raise UsageError(
-            f"{what} {out.uri} is a local folder that {seen.count(False)} of {len(seen)} cluster nodes cannot see: "
+            f"{what} {out.uri} is a local folder that {nodes} of {cluster_node_count()} cluster nodes cannot see: "
             "use shared storage (NFS) or an object-store URI such as s3://bucket/path"
+        )
+
+
+def _check_inputs_shared(paths: list, model: str | None) -> None:
+    """On a multi-node cluster, every node must see the local inputs (and a --model file)."""
+    if cluster_node_count() <= 1:
+        return
+    local = [str(p) for p in paths if isinstance(p, Path)] + ([model] if model else [])
+    if not local:
+        return
+    missing, nodes = _unseen_on_nodes(local)
+    if missing:
+        raise UsageError(
+            f"{len(missing)} local input(s) that {nodes} of {cluster_node_count()} cluster nodes cannot see, such as "
+            f"{missing[0]}: put inputs and --model on shared storage (NFS) or name them by URI such as s3://bucket/videos/"
         )
 
 
@@ -441,8 +469,9 @@ def _settings(args: argparse.Namespace, device: str) -> Settings:
 
     if (args.segment_frames is not None and args.segment_frames < 1) or args.detect_every < 1 or args.refine < 0 or args.min_face < 1:
         raise UsageError("--segment-frames, --detect-every and --min-face must be >= 1, --refine >= 0")
-    if not 0 < args.detect_scale <= 1:
+    if args.detect_scale is not None and not 0 < args.detect_scale <= 1:
         raise UsageError("--detect-scale must be in (0, 1]")
+    detect_scale = args.detect_scale or min(1.0, CASCADE_WINDOW / args.min_face)
     try:
         filters = tuple(parse_filters(args.filter))
     except ValueError as exc:
@@ -454,7 +483,7 @@ def _settings(args: argparse.Namespace, device: str) -> Settings:
         raise UsageError(str(exc)) from None
     if args.scale_factor <= 1:
         raise UsageError("--scale-factor must be > 1")
-    haar = replace(HAAR_PRESETS[args.detector], downscale=args.detect_scale, min_size=args.min_face, scale_factor=args.scale_factor)
+    haar = replace(HAAR_PRESETS[args.detector], downscale=detect_scale, min_size=args.min_face, scale_factor=args.scale_factor)
     return Settings(
         out=args.out, model=model_path, model_name=f"{Path(model_path).stem} ({loaded.metadata.get('sha256', '')[:12]})",
         device=device, haar=haar,
@@ -482,7 +511,7 @@ def _check_args(args: argparse.Namespace):
 
     try:
         paths = find_media(args.inputs)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc).strip("'\"")) from None
     if not paths:
         raise UsageError(f"no videos or images found in {' '.join(args.inputs)}")
@@ -573,6 +602,7 @@ def run(args: argparse.Namespace) -> int:
     paths, out, settings = _check_args(args)
     mode = init_ray(num_cpus=args.num_cpus, quiet=not args.verbose)
     _check_shared(out, "--out")
+    _check_inputs_shared(paths, settings.model if args.model else None)
     if args.render:
         _check_shared(open_output(args.render), "--render")
     resources = ray.cluster_resources()

@@ -371,6 +371,39 @@ def test_find_media(tmp_path):
     assert {".mp4", ".mov", ".ts"} <= set(VIDEO_EXTENSIONS) and {".jpg", ".png", ".tiff"} <= set(IMAGE_EXTENSIONS)
 
 
+def test_inputs_named_by_uri(tmp_path, bclip):
+    """file:// goes through pyarrow's filesystems, the route s3:// and gs:// inputs take."""
+    for name in ["v/a.mp4", "v/sub/b.MOV", "v/sub/notes.txt", "v/.hidden/c.mp4", "v/x.png"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    root = tmp_path.resolve().as_uri()
+    assert find_media([f"{root}/v"]) == [f"{root}/v/a.mp4", f"{root}/v/sub/b.MOV", f"{root}/v/x.png"]
+    assert find_media([f"{root}/v/**/*.MOV", f"{root}/v/a.mp4"]) == [f"{root}/v/a.mp4", f"{root}/v/sub/b.MOV"]
+    assert find_media([f"{root}/v/*.avi"]) == []
+    with pytest.raises(FileNotFoundError, match="nope.mp4"):
+        find_media([f"{root}/v/nope.mp4"])
+    with pytest.raises(ValueError, match="cannot open"):
+        find_media(["nosuchscheme://bucket/videos"])
+
+    uri = bclip.resolve().as_uri()
+    local, remote = probe(bclip), probe(uri)
+    assert (remote.frames, remote.fps, remote.width, remote.height) == (local.frames, local.fps, local.width, local.height)
+    assert remote.path == uri
+    want = [(f.index, f.image) for f in read_frames(bclip, 30, 50, gray=True)]
+    got = [(f.index, f.image) for f in read_frames(uri, 30, 50, gray=True)]  # a seek, through pyarrow
+    assert [i for i, _ in got] == list(range(30, 50)) and all(np.array_equal(a, b) for (_, a), (_, b) in zip(got, want))
+
+    img = np.full((40, 60, 3), 90, np.uint8)
+    cv2.imwrite(str(tmp_path / "still.png"), img)
+    [frame] = read_frames((tmp_path / "still.png").resolve().as_uri())
+    assert np.array_equal(frame.image, img)
+    for name, reason in [("v/nope.mp4", "file not found"), ("v", "is a directory"), ("empty.mp4", "empty file")]:
+        (tmp_path / "empty.mp4").write_bytes(b"")
+        with pytest.raises(VideoError, match=reason):
+            probe(f"{root}/{name}")
+    assert video_id(uri) == video_id(uri) != video_id(bclip) and video_id(uri).startswith("bframes-")
+
+
 def test_video_id(tmp_path, monkeypatch):
     (tmp_path / "x").mkdir()
     a, b = tmp_path / "My clip (1)é.mp4", tmp_path / "x" / "My clip (1)é.mp4"
