@@ -11,6 +11,9 @@ Two ways through the frames:
   was trained on) and predicted again. A face whose fit is lost (consistency below
   ``min_confidence``) triggers a detection on that very frame; a tracked face the detector
   misses on a detection frame is kept while its fit holds (Haar drops faces for single frames).
+  After a face is lost, and on the first frame of a new shot, the detector runs on every frame
+  until it finds a face, for up to K frames, so a face Haar misses for a frame or two is not
+  left out for a whole detection interval.
 * in chunks (``chunk_frames > 1`` with K = 1, used with model actors): Haar on every frame and
   all the faces of ``chunk_frames`` frames through the network in one batch (then once more,
   re-cropped around the first prediction, when ``refine`` is on): one round trip per chunk
@@ -227,9 +230,10 @@ class SegmentAnnotator:
         prev = np.zeros((0, NUM_KEYPOINTS, 2), np.float32)
         misses = np.zeros(0, int)  # detection frames in a row on which the detector did not see the tracked face
         since = K  # frames since the last detection; K forces one on the first frame
+        search = 0  # frames left in which to detect on every frame: a face was just lost, or a shot began
         for frame in frames:
-            if frame.cut:  # a new shot: nothing carries over, look again
-                prev, misses, since = prev[:0], misses[:0], K
+            if frame.cut:  # a new shot: nothing carries over, look again (and keep looking for K frames)
+                prev, misses, since, search = prev[:0], misses[:0], K, K
             # every tracked face: crop around its previous keypoints, predict again
             t_boxes = box_from_keypoints(prev) if len(prev) else np.zeros((0, 4))
             t_kps = self._predict([frame.gray], [t_boxes])[0] if len(prev) else prev
@@ -237,7 +241,7 @@ class SegmentAnnotator:
             keep = _dedupe(t_kps, t_conf)
             t_kps, t_boxes, t_conf, t_misses = t_kps[keep], t_boxes[keep], t_conf[keep], misses[keep]
             ok = t_conf >= thr
-            if since >= K or not ok.all():
+            if since >= K or not ok.all() or search > 0:
                 since = 1
                 boxes = self._detect(frame.gray).astype(np.float64)
                 matched = np.zeros(len(t_kps), bool)
@@ -256,6 +260,14 @@ class SegmentAnnotator:
                 detected = np.concatenate([matched[stay], np.ones(int(new.sum()), bool)])
                 out_conf = np.concatenate([t_conf[stay], d_conf[0]])
                 misses = np.concatenate([t_misses[stay], np.zeros(int(new.sum()), int)])
+                # Haar often misses a face for a frame or two: after losing one, look on every frame
+                # for up to K frames rather than leaving the face out until the next scheduled look
+                if new.any():
+                    search = 0
+                elif not stay.all():
+                    search = K - 1
+                else:
+                    search = max(0, search - 1)
             else:
                 since += 1
                 out_kps, out_boxes, detected, out_conf, misses = t_kps, t_boxes, np.zeros(len(t_kps), bool), t_conf, t_misses

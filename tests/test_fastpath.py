@@ -84,6 +84,27 @@ def test_fast_path_finds_a_face_entering_mid_segment_within_k_frames(landmarker,
     assert annot.stats.detections < (enter + 30) / k + 3  # the detector did not run on every frame
 
 
+@pytest.mark.parametrize("k", [10, 30])
+def test_after_a_cut_the_fast_path_looks_on_every_frame_until_it_finds_the_face(landmarker, face_patches, k):
+    """A shot whose face Haar misses on its first two frames (here: out of focus, then sharp, as
+    Haar misses a face for a frame or two): the face is found on the first frame the detector can
+    see it, not K frames later."""
+    import cv2
+
+    a, _ = face_patches
+    shot1 = np.full((360, 480), 90, np.uint8)
+    shot1[100:260, 160:320] = a
+    shot2 = np.full((360, 480), 200, np.uint8)
+    shot2[60:220, 40:200] = a[:, ::-1]
+    blurred = cv2.GaussianBlur(shot2, (0, 0), 20)
+    assert len(HaarDetector(HaarConfig(min_size=40)).detect(blurred)) == 0
+    cols, annot = annotate(landmarker, frames_of([shot1] * 20 + [blurred] * 2 + [shot2] * 40), k)
+    assert annot.stats.cuts == [20]  # focus coming back is not a new shot
+    assert cols.frame_index[cols.frame_index >= 20].min() == 22
+    assert set(range(22, 62)) <= set(cols.frame_index)
+    assert annot.stats.detections <= 2 + 3 + 40 // k + 2  # two looks in shot 1, three after the cut, then every K
+
+
 def test_fast_path_accuracy_matches_per_frame_detection(landmarker):
     truth = pd.read_csv(TRUTH).iloc[:, 1:].to_numpy(np.float32).reshape(-1, 68, 2)
     frames = list(read_frames(SAMPLE, 0, 160, gray=True))
