@@ -34,3 +34,25 @@ def test_entry_points_import_without_side_effects():
         "assert 'ray' not in sys.modules, 'importing an entry point started Ray imports'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, check=True, timeout=120)
+
+
+def _all_actions(parser):
+    """The parser's flags, subcommands' flags included."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _all_actions(sub)
+        else:
+            yield action
+
+
+def test_every_flag_of_every_job_is_explained():
+    import importlib
+
+    for name in ("annotate", "train", "evaluate", "bench", "make_sample", "make_docs"):
+        parser = importlib.import_module(f"jobs.{name}").build_parser()
+        unexplained = [a.dest for a in _all_actions(parser) if not (a.help or "").strip()]
+        assert not unexplained, f"jobs.{name}: flags without help: {unexplained}"
+        assert "(default: None)" not in parser.format_help()  # a flag left out says what happens instead
