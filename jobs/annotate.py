@@ -38,6 +38,7 @@ from jobs.common import (
     cluster_node_count,
     init_ray,
     run_main,
+    use_gpus,
 )
 
 log = logging.getLogger("fkp.annotate")
@@ -605,13 +606,8 @@ def run(args: argparse.Namespace) -> int:
     _check_inputs_shared(paths, settings.model if args.model else None)
     if args.render:
         _check_shared(open_output(args.render), "--render")
-    resources = ray.cluster_resources()
+    resources, use_gpu = use_gpus(args.device, mode)
     gpus = int(resources.get("GPU", 0))
-    if args.device == "cuda" and gpus == 0:
-        if mode == "local":
-            raise UsageError("--device cuda, but this machine has no GPU Ray can use")
-        log.warning("no GPU in the cluster yet: asking for them, the autoscaler has to add GPU nodes")
-    use_gpu = args.device == "cuda" or (args.device == "auto" and gpus > 0)
     n_actors = args.model_actors if args.model_actors is not None else (max(1, gpus) if use_gpu else 0)
     # with model actors every frame costs a round trip: batch frames into chunks when detecting on all of them
     settings = replace(settings, device="cuda" if use_gpu else "cpu",

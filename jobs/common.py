@@ -110,6 +110,23 @@ def cluster_node_count() -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
+def use_gpus(device: str, mode: str) -> tuple[dict[str, float], bool]:
+    """(the cluster's resources, whether to run on GPUs) for ``--device auto|cpu|cuda``.
+
+    ``cuda`` with no GPU is a usage error on a local instance; on a cluster the job asks for GPUs
+    anyway, since an autoscaler adds GPU nodes when tasks ask for them (a GPU group may start at 0).
+    """
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if device == "cuda" and gpus == 0:
+        if mode == "local":
+            raise UsageError("--device cuda, but this machine has no GPU Ray can use")
+        log.warning("no GPU in the cluster yet: asking for them, the autoscaler has to add GPU nodes")
+    return resources, device == "cuda" or (device == "auto" and gpus > 0)
+
+
 def existing_dir(value: str) -> Path:
     p = Path(value)
     if not p.is_dir():

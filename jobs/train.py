@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from jobs.common import EXIT_FAILED, EXIT_OK, Parser, UsageError, add_common_flags, init_ray, run_main
+from jobs.common import EXIT_FAILED, EXIT_OK, Parser, UsageError, add_common_flags, init_ray, run_main, use_gpus
 
 log = logging.getLogger("fkp.train")
 
@@ -306,20 +306,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _worker_plan(args: argparse.Namespace, mode: str) -> tuple[int, bool]:
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if args.device == "cuda" and gpus == 0:
-        if mode == "local":
-            raise UsageError("--device cuda, but this machine has no GPU Ray can use")
-        # an autoscaling cluster adds GPU nodes when workers ask for them (a GPU group may start at 0)
-        log.warning("no GPU in the cluster yet: asking for them, the autoscaler has to add GPU nodes")
-    use_gpu = args.device == "cuda" or (args.device == "auto" and gpus > 0)
+    resources, use_gpu = use_gpus(args.device, mode)
     if args.num_workers is not None:
         return args.num_workers, use_gpu
     if use_gpu:
-        return max(1, int(gpus // args.gpus_per_worker)), True
+        return max(1, int(resources.get("GPU", 0) // args.gpus_per_worker)), True
     return max(1, int(resources.get("CPU", 1) // args.cpus_per_worker)), False
 
 
