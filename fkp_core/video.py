@@ -45,7 +45,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from fractions import Fraction
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Literal
 from urllib.parse import urlsplit
@@ -198,15 +198,16 @@ class RemoteFile:
     def stem(self) -> str:
         return PurePosixPath(self.name).stem
 
+    @cached_property
     def filesystem(self) -> tuple[pafs.FileSystem, str]:
-        """(filesystem, path inside it); VideoError when pyarrow cannot open the URI."""
+        """(filesystem, path inside it), made once per file (an object store's client is not free)."""
         try:
             return pafs.FileSystem.from_uri(self.uri)
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise VideoError(self.uri, f"cannot open this URI ({exc})") from None
 
     def open(self) -> pa.NativeFile:
-        fs, inner = self.filesystem()
+        fs, inner = self.filesystem
         try:
             return fs.open_input_file(inner)
         except PermissionError:
@@ -216,7 +217,8 @@ class RemoteFile:
 
 
 def _check_remote(r: RemoteFile) -> RemoteFile:
-    fs, inner = r.filesystem()
+    """One metadata request; an unreadable file fails when it is opened (``RemoteFile.open``)."""
+    fs, inner = r.filesystem
     try:
         info = fs.get_file_info(inner)
     except (pa.ArrowException, OSError) as exc:
@@ -225,9 +227,8 @@ def _check_remote(r: RemoteFile) -> RemoteFile:
         raise VideoError(r.uri, "file not found")
     if info.type == pafs.FileType.Directory:
         raise VideoError(r.uri, "is a directory, not a video")
-    with r.open() as f:
-        if not f.read(1):
-            raise VideoError(r.uri, "empty file (0 bytes)")
+    if info.size == 0:
+        raise VideoError(r.uri, "empty file (0 bytes)")
     return r
 
 
@@ -879,9 +880,6 @@ def _find_remote(uri: str) -> list[str]:
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise ValueError(f"{uri}: cannot open this input location ({exc})") from None
 
-    def as_uri(inner: str) -> str:  # the same scheme, host and query, this path
-        return parts_dir._replace(path=parts_dir.path.rstrip("/") + inner[len(root.rstrip("/")):]).geturl()
-
     if info.type == pafs.FileType.File and not pattern:
         return [uri]
     if info.type != pafs.FileType.Directory:
@@ -894,7 +892,7 @@ def _find_remote(uri: str) -> list[str]:
         rel = f.path[len(root.rstrip("/")):].lstrip("/")
         if f.type != pafs.FileType.File or any(part.startswith(".") for part in rel.split("/")):
             continue
-        child = as_uri(f.path)
+        child = parts_dir._replace(path=f"{parts_dir.path.rstrip('/')}/{rel}").geturl()  # same scheme, host, query
         if pattern and not fnmatch.fnmatchcase(urlsplit(child).path, parts.path):
             continue
         if PurePosixPath(rel).suffix.lower() in MEDIA_EXTENSIONS:
