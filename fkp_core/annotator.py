@@ -182,13 +182,15 @@ class SegmentAnnotator:
     def _consistency(crop_boxes: np.ndarray, kps: np.ndarray) -> np.ndarray:
         return np.array([keypoint_consistency(b, k) for b, k in zip(crop_boxes, kps)], np.float32).reshape(len(kps))
 
-    def _emit(self, frame: _Frame, boxes: np.ndarray, kps: np.ndarray, detected: np.ndarray, confidence: np.ndarray) -> None:
+    def _emit(self, frame: _Frame, boxes: np.ndarray, kps: np.ndarray, detected: np.ndarray, confidence: np.ndarray,
+              continues: np.ndarray | None = None) -> np.ndarray:
+        """Record a frame's faces; returns their track ids (in the order given)."""
         n = len(kps)
         if frame.cut:
             self.tracker.reset()
-        ids = self.tracker.update(frame.index, boxes, kps)
+        ids = self.tracker.update(frame.index, boxes, kps, continues)
         if n == 0:
-            return
+            return ids
         order = np.argsort(boxes[:, 0], kind="stable")  # face_index: left to right
         self.stats.faces += n
         self._parts.append(
@@ -205,6 +207,7 @@ class SegmentAnnotator:
                 pose=np.zeros((n, 3), np.float32),
             )
         )
+        return ids
 
     def _run_detect_every_frame(self, frames: Iterator[_Frame]) -> None:
         chunk: list[_Frame] = []
@@ -228,18 +231,19 @@ class SegmentAnnotator:
         thr = self.config.min_confidence
         max_misses = max(2, -(-self.config.max_unconfirmed_frames // K))
         prev = np.zeros((0, NUM_KEYPOINTS, 2), np.float32)
+        prev_ids = np.zeros(0, np.int64)  # their track ids: a face followed through its own crop keeps its id
         misses = np.zeros(0, int)  # detection frames in a row on which the detector did not see the tracked face
         since = K  # frames since the last detection; K forces one on the first frame
         search = 0  # frames left in which to detect on every frame: a face was just lost, or a shot began
         for frame in frames:
             if frame.cut:  # a new shot: nothing carries over, look again (and keep looking for K frames)
-                prev, misses, since, search = prev[:0], misses[:0], K, K
+                prev, prev_ids, misses, since, search = prev[:0], prev_ids[:0], misses[:0], K, K
             # every tracked face: crop around its previous keypoints, predict again
             t_boxes = box_from_keypoints(prev) if len(prev) else np.zeros((0, 4))
             t_kps = self._predict([frame.gray], [t_boxes])[0] if len(prev) else prev
             t_conf = self._consistency(t_boxes, t_kps)
             keep = _dedupe(t_kps, t_conf)
-            t_kps, t_boxes, t_conf, t_misses = t_kps[keep], t_boxes[keep], t_conf[keep], misses[keep]
+            t_kps, t_boxes, t_conf, t_misses, t_ids = t_kps[keep], t_boxes[keep], t_conf[keep], misses[keep], prev_ids[keep]
             ok = t_conf >= thr
             if since >= K or not ok.all() or search > 0:
                 since = 1
@@ -260,6 +264,7 @@ class SegmentAnnotator:
                 detected = np.concatenate([matched[stay], np.ones(int(new.sum()), bool)])
                 out_conf = np.concatenate([t_conf[stay], d_conf[0]])
                 misses = np.concatenate([t_misses[stay], np.zeros(int(new.sum()), int)])
+                continues = np.concatenate([t_ids[stay], np.full(int(new.sum()), -1, np.int64)])
                 # Haar often misses a face for a frame or two: after losing one, look on every frame
                 # for up to K frames rather than leaving the face out until the next scheduled look
                 if new.any():
@@ -271,7 +276,8 @@ class SegmentAnnotator:
             else:
                 since += 1
                 out_kps, out_boxes, detected, out_conf, misses = t_kps, t_boxes, np.zeros(len(t_kps), bool), t_conf, t_misses
-            self._emit(frame, out_boxes, out_kps, detected, out_conf)
+                continues = t_ids
+            prev_ids = self._emit(frame, out_boxes, out_kps, detected, out_conf, continues)
             prev = out_kps
 
 

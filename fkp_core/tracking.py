@@ -286,8 +286,15 @@ class Tracker:
             np.stack([k for _, k in preds]),
         )
 
-    def update(self, frame_index: int, boxes: np.ndarray, keypoints: np.ndarray) -> np.ndarray:
-        """Track ids (N,) int64 of the N faces (boxes (N, 4) xywh, keypoints (N, 68, 2)) of frame ``frame_index``."""
+    def update(
+        self, frame_index: int, boxes: np.ndarray, keypoints: np.ndarray, continues: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Track ids (N,) int64 of the N faces (boxes (N, 4) xywh, keypoints (N, 68, 2)) of frame ``frame_index``.
+
+        ``continues`` (N,) optionally names the track each face is known to continue (-1: unknown),
+        as the video fast path knows for a face it followed from its own previous keypoints: such a
+        face keeps that id while the track is live, and only the others are matched.
+        """
         frame_index = int(frame_index)
         if self._last_frame is not None and frame_index <= self._last_frame:
             raise ValueError(f"frames must increase: got {frame_index} after {self._last_frame}")
@@ -298,18 +305,29 @@ class Tracker:
             raise ValueError(f"{len(boxes)} boxes but {len(kp)} keypoint sets")
         self._tracks = self._live(frame_index)
         ids = np.full(len(kp), -1, np.int64)
-        if self._tracks and len(kp):
-            preds = [t.predict(frame_index) for t in self._tracks]
-            missed = np.array([frame_index - t.last_frame - 1 for t in self._tracks])
+        free = list(self._tracks)
+        if continues is not None:
+            continues = np.asarray(continues, np.int64).reshape(-1)
+            if len(continues) != len(kp):
+                raise ValueError(f"{len(kp)} faces but {len(continues)} continued track ids")
+            by_id = {t.track_id: t for t in self._tracks}
+            for di, tid in enumerate(continues.tolist()):
+                track = by_id.pop(tid, None)  # each live track continues into one face at most
+                if track is not None:
+                    self._extend(track, frame_index, boxes[di], kp[di])
+                    ids[di] = tid
+            free = [t for t in self._tracks if t.track_id in by_id]
+        todo = np.flatnonzero(ids < 0)
+        if free and len(todo):
+            preds = [t.predict(frame_index) for t in free]
+            missed = np.array([frame_index - t.last_frame - 1 for t in free])
             cost, feasible = match_cost(
-                np.stack([b for b, _ in preds]), np.stack([k for _, k in preds]), boxes, kp, missed, self.config
+                np.stack([b for b, _ in preds]), np.stack([k for _, k in preds]), boxes[todo], kp[todo], missed, self.config
             )
-            for ti, di in _match(cost, feasible):
-                track = self._tracks[ti]
-                track.box = boxes[di].copy()
-                track.frames.append(frame_index)
-                track.keypoints.append(kp[di].copy())
-                ids[di] = track.track_id
+            for ti, dj in _match(cost, feasible):
+                di = todo[dj]
+                self._extend(free[ti], frame_index, boxes[di], kp[di])
+                ids[di] = free[ti].track_id
         window = self.config.velocity_window + 1
         for di in np.nonzero(ids < 0)[0]:
             frames, points = deque([frame_index], maxlen=window), deque([kp[di].copy()], maxlen=window)
@@ -318,6 +336,12 @@ class Tracker:
             self._tracks.append(track)
             ids[di] = track.track_id
         return ids
+
+    @staticmethod
+    def _extend(track: _Track, frame_index: int, box: np.ndarray, keypoints: np.ndarray) -> None:
+        track.box = box.copy()
+        track.frames.append(frame_index)
+        track.keypoints.append(keypoints.copy())
 
     def reset(self) -> None:
         """End every track (call on a scene cut); later faces get new ids."""

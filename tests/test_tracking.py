@@ -145,6 +145,29 @@ def test_face_entering_mid_video_gets_a_new_id_and_reset_starts_new_ids():
     assert after.tolist() == [2, 3] and tracker.next_id == 4
 
 
+def test_faces_known_to_continue_a_track_keep_its_id_and_the_rest_are_matched():
+    rng = np.random.default_rng(4)
+    tracker = Tracker()
+    kps = np.stack([face_at((150, 200), rng), face_at((450, 200), rng)])
+    first = tracker.update(0, box_from_keypoints(kps), kps)
+    # the two faces swap places in one frame: by position they would swap ids; the hint says who is who
+    swapped = kps[::-1].copy()
+    hinted = tracker.update(1, box_from_keypoints(swapped), swapped, continues=first)
+    assert hinted.tolist() == first.tolist()
+    # an unknown or already used id is no hint: that face is matched like any other (here: to the free track)
+    tracker = Tracker()
+    first = tracker.update(0, box_from_keypoints(kps), kps)
+    got = tracker.update(1, box_from_keypoints(kps), kps, continues=np.array([first[0], first[0]]))
+    assert got.tolist() == first.tolist()
+    got = tracker.update(2, box_from_keypoints(kps), kps, continues=np.array([99, -1]))
+    assert got.tolist() == first.tolist()
+    # a hint for a track that has ended is ignored: the face starts a new track
+    lone = face_at((800, 600), rng)[None]
+    assert tracker.update(30, box_from_keypoints(lone), lone, continues=first[:1])[0] == tracker.next_id - 1 >= 2
+    with pytest.raises(ValueError):
+        tracker.update(31, box_from_keypoints(lone), lone, continues=np.array([0, 1]))
+
+
 def test_frames_must_increase_and_shapes_must_agree():
     tracker = Tracker()
     kp = face_at((200, 200))[None]

@@ -171,6 +171,15 @@ def test_stream_without_timestamps_is_counted(clips):
     assert stats.sequential
 
 
+def test_limited_range_luma_conversion_equals_the_table():
+    from fkp_core.video import _LIMITED_TO_FULL, _limited_to_full
+
+    every = np.arange(256, dtype=np.uint8)
+    assert np.array_equal(_limited_to_full(every[None]), _LIMITED_TO_FULL[None])
+    frame = np.random.default_rng(0).integers(0, 256, (37, 53), dtype=np.uint8)[:, 3:50]  # a strided view, as from a plane
+    assert np.array_equal(_limited_to_full(frame), _LIMITED_TO_FULL[frame])
+
+
 def test_gray_is_ffmpeg_gray_and_close_to_bgr(bclip, reference):
     colour = {f.index: f.image for f in read_frames(bclip, 20, 30)}
     for f in read_frames(bclip, 20, 30, gray=True):
