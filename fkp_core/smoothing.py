@@ -42,6 +42,7 @@ DEFAULT_BETA_LOCAL = 10.0  # Hz per (face size / s) of a point's own (non-simila
 DEFAULT_D_CUTOFF_HZ = 4.0  # low-pass on the speed estimate
 DEFAULT_MAX_GAP_S = 0.25  # a longer gap restarts the filter (7 missed frames at 30 fps)
 MIN_FACE_SIZE_PX = 1.0  # keeps degenerate (collapsed) faces from dividing by zero
+SETTLE_TOLERANCE = 1e-4  # OneEuroConfig.settle_seconds: what is left of a different start, as a fraction
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,16 @@ class OneEuroConfig:
     d_cutoff: float = DEFAULT_D_CUTOFF_HZ
     max_gap_s: float = DEFAULT_MAX_GAP_S
     speed: Literal["similarity", "point"] = "similarity"
+
+    def settle_seconds(self, frame_interval: float, tolerance: float = SETTLE_TOLERANCE) -> float:
+        """Seconds after which the filter's output no longer depends on where it started (to ``tolerance``).
+
+        The state's memory shrinks by 1 / (1 + 2 pi f dt) per step, f >= min_cutoff (the cutoff only
+        rises with speed) and the speed low-pass (d_cutoff >= min_cutoff here) forgets faster still.
+        """
+        dt = max(float(frame_interval), 1e-6)
+        steps = math.log(1.0 / tolerance) / math.log1p(2.0 * math.pi * min(self.min_cutoff, self.d_cutoff) * dt)
+        return math.ceil(steps) * dt
 
     def __post_init__(self) -> None:
         if not (self.min_cutoff > 0 and self.d_cutoff > 0):

@@ -241,8 +241,9 @@ def probe_video(path: str) -> dict:
                      "exact": bool(getattr(info, "frames_exact", True))}}
 
 
-def run_segment(path: str, video_id: str, start: int, end: int | None, settings: Settings, actors: list) -> dict:
-    """Annotate frames [start, end) of one video and write them atomically; idempotent."""
+def run_segment(path: str, video_id: str, start: int, end: int | None, frame_size: tuple[int, int], settings: Settings,
+                actors: list) -> dict:
+    """Annotate frames [start, end) of one video (smoothed and posed) and write them atomically; idempotent."""
     import json
 
     import cv2
@@ -250,6 +251,7 @@ def run_segment(path: str, video_id: str, start: int, end: int | None, settings:
 
     from fkp_core.annotator import SegmentAnnotator
     from fkp_core.detector import HaarDetector
+    from fkp_core.postprocess import postprocess_segment
     from fkp_core.tables import faces_table, open_output
     from fkp_core.video import DecodeStats, VideoError, read_frames
 
@@ -303,6 +305,9 @@ def run_segment(path: str, video_id: str, start: int, end: int | None, settings:
     if error is None and decode.errors:
         error = f"{path}: {len(decode.errors)} decoding error(s) in frames [{start}, {end if end is not None else 'end'}): {decode.errors[0]}"
     stats = annotator.stats.to_dict()
+    t_post = time.perf_counter()
+    cols = postprocess_segment(cols, frame_size, smooth=settings.smooth)
+    stats["seconds"]["post"] = time.perf_counter() - t_post
     stats.update({"start": start, "end": end, "error": error, "seconds_total": time.perf_counter() - t0})
     t_write = time.perf_counter()
     table = faces_table(video_id, path, cols)
@@ -326,7 +331,7 @@ def _model_geometry(model: str) -> tuple[int, float]:
 
 
 def finalize_video(plan: dict, settings: Settings) -> dict:
-    """Segments -> one ordered part file with global track ids, smoothed keypoints and head pose."""
+    """Segments -> one ordered part file with global track ids (smoothing redone only next to boundaries)."""
     import json
 
     import numpy as np
@@ -370,7 +375,8 @@ def finalize_video(plan: dict, settings: Settings) -> dict:
         "seconds": float(sum(s.get("seconds_total", 0.0) for s in segments) + time.perf_counter() - t0),
         "output": part if status != "failed" else None, "render": None, "model": settings.model_name,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "stage_seconds": {k: float(sum(s.get("seconds", {}).get(k, 0.0) for s in segments)) for k in ("decode", "detect", "cnn", "other", "write")},
+        "stage_seconds": {k: float(sum(s.get("seconds", {}).get(k, 0.0) for s in segments))
+                          for k in ("decode", "detect", "cnn", "other", "post", "write")},
     }
     out.write_json(out.status_path(plan["video_id"]), record)
     out.remove_dir(out.segment_dir(plan["video_id"]))
@@ -645,7 +651,8 @@ def run(args: argparse.Namespace) -> int:
     def submit_segments() -> None:
         while queue and len(inflight) < max_inflight:
             plan, start, end = queue.popleft()
-            inflight[segment_remote.remote(plan.path, plan.video_id, start, end, settings, actors)] = ("segment", plan)
+            size = (plan.info["width"], plan.info["height"])
+            inflight[segment_remote.remote(plan.path, plan.video_id, start, end, size, settings, actors)] = ("segment", plan)
 
     for record in to_render:
         inflight[render_remote.remote(record, settings)] = ("render", record)

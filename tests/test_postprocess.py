@@ -1,0 +1,86 @@
+"""A video's rows joined from segments: smoothing and pose as if each track were done in one pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import mean_face
+from fkp_core.pose import head_pose
+from fkp_core.postprocess import postprocess_segment, postprocess_video
+from fkp_core.smoothing import OneEuroConfig, smooth_track
+from fkp_core.tables import FaceColumns
+from fkp_core.transforms import box_from_keypoints
+
+FPS = 30.0
+SIZE = (640, 480)
+
+
+def _track(frames: np.ndarray, seed: int, x0: float) -> np.ndarray:
+    """Noisy keypoints of a face drifting right and bobbing, (len(frames), 68, 2) float32."""
+    rng = np.random.default_rng(seed)
+    base = mean_face(120, (0.0, 0.0))
+    path = np.stack([x0 + 1.5 * frames, 240 + 20 * np.sin(frames / 15.0)], axis=-1)
+    return (base[None] + path[:, None] + rng.normal(0, 1.5, (len(frames), 68, 2))).astype(np.float32)
+
+
+def _segment(kps: dict[int, tuple[np.ndarray, np.ndarray]], start: int, end: int, local_ids: dict[int, int]) -> tuple[FaceColumns, dict]:
+    """One segment's rows (faces of frames [start, end)), local track ids as given, frame order."""
+    rows = []
+    for face, (frames, kp) in kps.items():
+        for f, k in zip(frames, kp):
+            if start <= f < end:
+                rows.append((int(f), face, k))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    n = len(rows)
+    kp = np.stack([r[2] for r in rows]).astype(np.float32)
+    frame = np.array([r[0] for r in rows], np.int64)
+    cols = FaceColumns(
+        frame_index=frame, timestamp_s=frame / FPS, face_index=np.zeros(n, np.int32),
+        track_id=np.array([local_ids[r[1]] for r in rows], np.int64), boxes=np.round(box_from_keypoints(kp)).astype(np.int32),
+        detected=np.ones(n, bool), confidence=np.ones(n, np.float32), keypoints=kp.copy(), keypoints_raw=kp,
+        pose=np.zeros((n, 3), np.float32),
+    )
+    return postprocess_segment(cols, SIZE), {"start": start, "end": end, "cuts": []}
+
+
+@pytest.mark.parametrize("bounds", [[0, 70, 100, 300], [0, 150, 300], [0, 20, 40, 60, 300]])
+def test_segments_joined_equal_one_pass_over_each_track(bounds):
+    frames_a = np.arange(0, 300)
+    frames_b = np.arange(120, 260)  # a second face that appears later, far from the first
+    faces = {0: (frames_a, _track(frames_a, 0, 60.0)), 1: (frames_b, _track(frames_b, 1, 200.0))}
+    parts = [_segment(faces, s, e, {0: 10 + k, 1: 20 - k}) for k, (s, e) in enumerate(zip(bounds, bounds[1:]))]
+    cold = FaceColumns.concat([p[0] for p in parts])  # each segment's own smoothing, before the join
+    order = list(range(len(parts)))[::-1]  # segments may come in any order
+    merged = postprocess_video([parts[i][0] for i in order], [parts[i][1] for i in order], SIZE)
+    assert len(np.unique(merged.track_id)) == 2
+    for face, (frames, raw) in faces.items():
+        rows = np.flatnonzero(merged.track_id == merged.track_id[np.flatnonzero(merged.frame_index == frames[0])[-1]])
+        assert np.array_equal(merged.frame_index[rows], frames) and np.array_equal(merged.keypoints_raw[rows], raw)
+        whole = smooth_track(frames / FPS, raw)
+        np.testing.assert_allclose(merged.keypoints[rows], whole, atol=2e-3)
+        np.testing.assert_allclose(merged.pose[rows], head_pose(whole, SIZE), atol=1e-2)
+        # without the join's fix-up, a segment's cold start leaves the rows after a boundary off by far more
+        mine = np.isin(cold.frame_index, frames) & np.isin(cold.keypoints_raw[:, 0, 0], raw[:, 0, 0])
+        assert np.array_equal(cold.frame_index[mine], frames)
+        crosses = any(frames[0] < b <= frames[-1] for b in bounds)
+        assert (np.abs(cold.keypoints[mine] - whole).max() > 0.05) == crosses
+
+
+def test_settle_time_follows_the_frame_rate_and_cutoff():
+    cfg = OneEuroConfig()
+    assert 1.0 < cfg.settle_seconds(1 / 30) < 2.5
+    assert cfg.settle_seconds(1 / 30, tolerance=1e-2) < cfg.settle_seconds(1 / 30)
+    assert OneEuroConfig(min_cutoff=4.0).settle_seconds(1 / 30) < cfg.settle_seconds(1 / 30)
+
+
+def test_without_smoothing_rows_are_raw_and_posed():
+    frames = np.arange(0, 80)
+    faces = {0: (frames, _track(frames, 2, 100.0))}
+    parts = []
+    for k, (s, e) in enumerate([(0, 40), (40, 80)]):
+        cols, st = _segment(faces, s, e, {0: k})
+        parts.append((postprocess_segment(cols, SIZE, smooth=False), st))
+    merged = postprocess_video([p[0] for p in parts], [p[1] for p in parts], SIZE, smooth=False)
+    np.testing.assert_array_equal(merged.keypoints, faces[0][1])
+    np.testing.assert_allclose(merged.pose, head_pose(faces[0][1], SIZE), atol=1e-4)
