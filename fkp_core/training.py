@@ -26,6 +26,7 @@ class TrainConfig:
 
     model: str = "hm"
     input_size: int | None = None  # overrides the preset's
+    init: str | None = None  # start from this release model's weights (and architecture): fine-tuning
     epochs: int = 120
     batch_size: int = 64  # per worker
     lr: float = 2e-3

@@ -22,7 +22,7 @@ import tempfile
 import time
 import urllib.request
 import zipfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -70,8 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--download", action="store_true", help="fetch and unpack the public course archive into the data dir first (when it is not there)")
     g.add_argument("--download-url", default=PUBLIC_ARCHIVE_URL, help="archive to fetch with --download (http(s):// or file://)")
     g = p.add_argument_group("model and optimisation")
-    g.add_argument("--model", default=d.model, choices=sorted(MODEL_PRESETS), help="network preset (fkp_core.model.MODEL_PRESETS)")
+    g.add_argument("--model", default=None, choices=sorted(MODEL_PRESETS), help=f"network preset (fkp_core.model.MODEL_PRESETS; default: {d.model})")
     g.add_argument("--input-size", type=int, default=None, help="crop side in pixels (default: the preset's)")
+    g.add_argument("--init", default=None, metavar="MODEL",
+                   help="start from the weights of a release model (NAME.pt with NAME.json beside it, or 'bundled' for the "
+                        "shipped one), to fine-tune it on more data; its architecture replaces --model and --input-size "
+                        "(default: random initialisation)")
     g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the (weighted) training set")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step per worker")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
@@ -232,7 +236,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for src in val_sources:
         val_records += src.read("training") if src.kind == "course" else src.read()
 
-    preset = build_model(cfg.model, **({"input_size": cfg.input_size} if cfg.input_size else {}))
+    if cfg.init:
+        from fkp_core.weights import load_model
+
+        preset = load_model(cfg.init).model.train()
+    else:
+        preset = build_model(cfg.model, **({"input_size": cfg.input_size} if cfg.input_size else {}))
     mcfg = preset.config
     train_ds, val_ds = make_datasets(train_records, val_records, cfg, mcfg.input_size, mcfg.crop_margin)
     weights = source_weights(train_records, {s.label: s.weight for s in train_sources})
@@ -342,6 +351,32 @@ def export_release(checkpoint_dir: Path, output: Path, name: str, extra: dict[st
     return save_model(model, output / name, meta)
 
 
+@dataclass(frozen=True)
+class _Parent:
+    """The model a fine-tuning run starts from, as its metadata records it."""
+
+    config_name: str
+    sha256: str | None
+    trained: dict
+
+
+def _resolve_init(args: argparse.Namespace) -> tuple[str | None, _Parent | None]:
+    """``--init`` as an absolute model path (checked loadable here, not in a worker), and its provenance."""
+    if args.init is None:
+        return None, None
+    if args.model is not None or args.input_size is not None:
+        raise UsageError("--init takes the architecture from the model file: leave out --model and --input-size")
+    from fkp_core.weights import ModelFileError, default_model_path, load_model
+
+    path = default_model_path() if args.init == "bundled" else Path(args.init).resolve()
+    try:
+        loaded = load_model(path)
+    except ModelFileError as exc:
+        raise UsageError(f"--init: {exc}") from None
+    name = loaded.metadata.get("trained", {}).get("train_config", {}).get("model", "custom")
+    return str(path), _Parent(name, loaded.metadata.get("sha256"), loaded.metadata.get("trained", {}))
+
+
 def run(args: argparse.Namespace) -> int:
     from fkp_core.training import TrainConfig
     from fkp_core.transforms import AugmentConfig
@@ -354,6 +389,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--cpus-per-worker must be > 0")
     if args.storage and "://" not in args.storage and not os.path.isabs(args.storage):
         raise UsageError("--storage must be an absolute path or a URI (Ray Train requires it)")
+    init, parent = _resolve_init(args)
     train_sources, val_sources = resolve_sources(args)
     remote_output = "://" in args.output  # e.g. s3://bucket/models: written locally, then uploaded
     if remote_output:
@@ -373,7 +409,8 @@ def run(args: argparse.Namespace) -> int:
         storage = args.storage or str((output / "checkpoints").resolve())
 
     cfg = TrainConfig(
-        model=args.model, input_size=args.input_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        model=parent.config_name if parent else (args.model or TrainConfig.model), input_size=args.input_size, init=init,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs, loss=args.loss,
         val_fraction=args.val_fraction, seed=args.seed,
         loader_workers=args.loader_workers if args.loader_workers is not None else max(0, int(args.cpus_per_worker) - 1),
@@ -385,7 +422,7 @@ def run(args: argparse.Namespace) -> int:
 
     mode = init_ray()
     num_workers, use_gpu = _worker_plan(args, mode)
-    log.info("training %s on %d %s worker(s) (%s Ray), checkpoints in %s/%s", args.model, num_workers,
+    log.info("training %s on %d %s worker(s) (%s Ray), checkpoints in %s/%s", init or cfg.model, num_workers,
              "GPU" if use_gpu else "CPU", mode, storage, args.name)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -426,6 +463,8 @@ def run(args: argparse.Namespace) -> int:
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds_this_session": round(time.time() - started, 1),
     }
+    if parent:
+        extra["init"] = {"path": init, "sha256": parent.sha256, "trained": parent.trained}
     with tempfile.TemporaryDirectory() as tmp, result.checkpoint.as_directory() as ckdir:
         path = export_release(Path(ckdir), Path(tmp) if remote_output else output, args.name, extra)
         meta = json.loads(path.with_suffix(".json").read_text())

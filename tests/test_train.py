@@ -54,6 +54,29 @@ def test_two_worker_run_makes_a_loadable_model_from_mixed_sources(ray_session, c
 
 
 @pytest.mark.slow
+def test_fine_tuning_starts_from_the_given_model(ray_session, course, tmp_path):
+    from fkp_core.model import build_model
+    from fkp_core.weights import save_model
+
+    torch.manual_seed(123)
+    parent_path = save_model(build_model("tiny").eval(), tmp_path / "parent" / "p", {"trained": {"command": "parent cmd"}})
+    parent = load_model(parent_path)
+    # a learning rate so small that training cannot move the weights: what comes out is what went in
+    code = _main(train, ["--data", f"course:{course}", "--epochs", "1", "--lr", "1e-12", "--init", parent_path,
+                         "--output", tmp_path / "ft", "--name", "ft", *[a for a in TINY if a not in ("--model", "tiny")]])
+    assert code == 0
+    child = load_model(tmp_path / "ft" / "ft.pt")
+    assert child.config == parent.config
+    assert child.metadata["trained"]["init"]["sha256"] == parent.metadata["sha256"]
+    assert child.metadata["trained"]["init"]["trained"]["command"] == "parent cmd"
+    convs = [k for k, v in parent.model.state_dict().items() if k.endswith("weight") and v.ndim == 4]
+    fresh = build_model("tiny").state_dict()
+    for k in convs:
+        torch.testing.assert_close(child.model.state_dict()[k], parent.model.state_dict()[k], atol=1e-6, rtol=0)
+        assert not torch.allclose(fresh[k], parent.model.state_dict()[k])
+
+
+@pytest.mark.slow
 def test_interrupted_run_resumes_from_its_checkpoint(course, tmp_path):
     """Ctrl-C after the first checkpoint, then the same command again: it continues, not restarts."""
     out = tmp_path / "model"
@@ -118,6 +141,8 @@ def test_download_rejects_bad_archives(tmp_path):
         (["--data", "{course}", "--val-fraction", "0.01"], "--val-fraction"),
         (["--data", "{course}", "--model", "huge"], "invalid choice"),
         (["--data", "{course}", "--lr", "fast"], "invalid float value"),
+        (["--data", "{course}", "--init", "{tmp}/none.pt"], "model file not found"),
+        (["--data", "{course}", "--init", "bundled", "--model", "tiny"], "leave out --model"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(tmp_path, capsys, course, argv, message):
