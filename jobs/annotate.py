@@ -309,11 +309,9 @@ def run_segment(path: str, video_id: str, start: int, end: int | None, frame_siz
     cols = postprocess_segment(cols, frame_size, smooth=settings.smooth)
     stats["seconds"]["post"] = time.perf_counter() - t_post
     stats.update({"start": start, "end": end, "error": error, "seconds_total": time.perf_counter() - t0})
-    t_write = time.perf_counter()
     table = faces_table(video_id, path, cols)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"fkp_stats": json.dumps(stats).encode()})
     out.write_table(target, table)
-    stats["seconds"]["write"] = time.perf_counter() - t_write
     return stats
 
 
@@ -376,7 +374,7 @@ def finalize_video(plan: dict, settings: Settings) -> dict:
         "output": part if status != "failed" else None, "render": None, "model": settings.model_name,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "stage_seconds": {k: float(sum(s.get("seconds", {}).get(k, 0.0) for s in segments))
-                          for k in ("decode", "detect", "cnn", "other", "post", "write")},
+                          for k in ("decode", "detect", "cnn", "other", "post")},
     }
     out.write_json(out.status_path(plan["video_id"]), record)
     out.remove_dir(out.segment_dir(plan["video_id"]))
