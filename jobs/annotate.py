@@ -37,6 +37,7 @@ from jobs.common import (
     add_common_flags,
     cluster_node_count,
     init_ray,
+    load_model_arg,
     run_main,
     use_gpus,
 )
@@ -470,7 +471,7 @@ def _settings(args: argparse.Namespace, device: str) -> Settings:
     from fkp_core.annotator import AnnotateConfig
     from fkp_core.detector import HAAR_PRESETS
     from fkp_core.filters import parse_filters
-    from fkp_core.weights import ModelFileError, default_model_path, load_model
+    from fkp_core.weights import default_model_path
 
     if (args.segment_frames is not None and args.segment_frames < 1) or args.detect_every < 1 or args.refine < 0 or args.min_face < 1:
         raise UsageError("--segment-frames, --detect-every and --min-face must be >= 1, --refine >= 0")
@@ -482,10 +483,7 @@ def _settings(args: argparse.Namespace, device: str) -> Settings:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     model_path = str(Path(args.model).resolve()) if args.model else str(default_model_path())
-    try:
-        loaded = load_model(model_path)
-    except ModelFileError as exc:
-        raise UsageError(str(exc)) from None
+    loaded = load_model_arg(model_path)
     if args.scale_factor <= 1:
         raise UsageError("--scale-factor must be > 1")
     haar = replace(HAAR_PRESETS[args.detector], downscale=detect_scale, min_size=args.min_face, scale_factor=args.scale_factor)

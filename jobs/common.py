@@ -140,6 +140,16 @@ def use_gpus(device: str, mode: str) -> tuple[dict[str, float], bool]:
     return resources, device == "cuda" or (device == "auto" and gpus > 0)
 
 
+def load_model_arg(path, device: str = "cpu", flag: str | None = None):
+    """A model named on the command line (None: the bundled one), or a one-line usage error naming ``flag``."""
+    from fkp_core.weights import ModelFileError, load_model
+
+    try:
+        return load_model(path, device=device)
+    except ModelFileError as exc:
+        raise UsageError(f"{flag}: {exc}" if flag else str(exc)) from None
+
+
 def existing_dir(value: str) -> Path:
     p = Path(value)
     if not p.is_dir():

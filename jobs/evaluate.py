@@ -21,7 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from jobs.common import EXIT_OK, Parser, UsageError, add_common_flags, run_main
+from jobs.common import EXIT_OK, Parser, UsageError, add_common_flags, load_model_arg, run_main
 
 log = logging.getLogger("fkp.evaluate")
 MATCH_IOU = 0.3
@@ -118,7 +118,6 @@ def run(args: argparse.Namespace) -> int:
     from fkp_core.detector import HAAR_PRESETS, HaarDetector
     from fkp_core.landmarks import Landmarker
     from fkp_core.viz import ced_plot, write_png
-    from fkp_core.weights import ModelFileError, load_model
     from jobs.train import default_data_dir
 
     if args.threads:
@@ -130,10 +129,7 @@ def run(args: argparse.Namespace) -> int:
         sources = [parse_source(s) for s in specs]
     except DatasetError as exc:
         raise UsageError(str(exc)) from None
-    try:
-        loaded = load_model(args.model, device=args.device)
-    except ModelFileError as exc:
-        raise UsageError(str(exc)) from None
+    loaded = load_model_arg(args.model, device=args.device)
     detector = HaarDetector(replace(HAAR_PRESETS[args.detector], downscale=args.detect_scale))
     lm = Landmarker(loaded, detector=detector, device=args.device, refine=args.refine)
     out = Path(args.out)

@@ -22,12 +22,12 @@ import tempfile
 import time
 import urllib.request
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from jobs.common import EXIT_FAILED, EXIT_OK, Parser, UsageError, add_common_flags, init_ray, run_main, use_gpus
+from jobs.common import EXIT_FAILED, EXIT_OK, Parser, UsageError, add_common_flags, init_ray, load_model_arg, run_main, use_gpus
 
 log = logging.getLogger("fkp.train")
 
@@ -351,30 +351,16 @@ def export_release(checkpoint_dir: Path, output: Path, name: str, extra: dict[st
     return save_model(model, output / name, meta)
 
 
-@dataclass(frozen=True)
-class _Parent:
-    """The model a fine-tuning run starts from, as its metadata records it."""
-
-    config_name: str
-    sha256: str | None
-    trained: dict
-
-
-def _resolve_init(args: argparse.Namespace) -> tuple[str | None, _Parent | None]:
-    """``--init`` as an absolute model path (checked loadable here, not in a worker), and its provenance."""
+def _resolve_init(args: argparse.Namespace) -> tuple[str | None, dict | None]:
+    """``--init`` as an absolute model path (checked loadable here, not in a worker), and its metadata."""
     if args.init is None:
         return None, None
     if args.model is not None or args.input_size is not None:
         raise UsageError("--init takes the architecture from the model file: leave out --model and --input-size")
-    from fkp_core.weights import ModelFileError, default_model_path, load_model
+    from fkp_core.weights import default_model_path
 
     path = default_model_path() if args.init == "bundled" else Path(args.init).resolve()
-    try:
-        loaded = load_model(path)
-    except ModelFileError as exc:
-        raise UsageError(f"--init: {exc}") from None
-    name = loaded.metadata.get("trained", {}).get("train_config", {}).get("model", "custom")
-    return str(path), _Parent(name, loaded.metadata.get("sha256"), loaded.metadata.get("trained", {}))
+    return str(path), load_model_arg(path, flag="--init").metadata
 
 
 def run(args: argparse.Namespace) -> int:
@@ -408,8 +394,10 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--output {output}: {exc.strerror}") from None
         storage = args.storage or str((output / "checkpoints").resolve())
 
+    parent_trained = parent.get("trained", {}) if parent else {}
     cfg = TrainConfig(
-        model=parent.config_name if parent else (args.model or TrainConfig.model), input_size=args.input_size, init=init,
+        model=parent_trained.get("train_config", {}).get("model", "custom") if parent else (args.model or TrainConfig.model),
+        input_size=args.input_size, init=init,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs, loss=args.loss,
         val_fraction=args.val_fraction, seed=args.seed,
@@ -464,7 +452,7 @@ def run(args: argparse.Namespace) -> int:
         "wall_seconds_this_session": round(time.time() - started, 1),
     }
     if parent:
-        extra["init"] = {"path": init, "sha256": parent.sha256, "trained": parent.trained}
+        extra["init"] = {"path": init, "sha256": parent.get("sha256"), "trained": parent_trained}
     with tempfile.TemporaryDirectory() as tmp, result.checkpoint.as_directory() as ckdir:
         path = export_release(Path(ckdir), Path(tmp) if remote_output else output, args.name, extra)
         meta = json.loads(path.with_suffix(".json").read_text())
