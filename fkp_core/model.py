@@ -68,6 +68,8 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "hm": ModelConfig(head="heatmap", head_hidden=64, heatmap_stride=8),
     "hm-deep": ModelConfig(head="heatmap", head_hidden=64, heatmap_stride=8, depths=(2, 2, 3, 1)),
     "large": ModelConfig(input_size=128, widths=(32, 64, 128, 256), depths=(2, 2, 2, 1)),
+    # hm at 3/4 width: ~60% of its CPU time per face (the bundled 'fast' model, distilled from hm)
+    "hm-slim": ModelConfig(stem=24, widths=(24, 48, 96, 192), head="heatmap", head_hidden=48, heatmap_stride=8),
 }
 
 

@@ -27,6 +27,8 @@ class TrainConfig:
     model: str = "hm"
     input_size: int | None = None  # overrides the preset's
     init: str | None = None  # start from this release model's weights (and architecture): fine-tuning
+    distill: str | None = None  # teacher release model: also fit its predictions on the same crops
+    distill_weight: float = 0.5  # share of the loss that is the teacher's (the rest: the labels)
     epochs: int = 120
     batch_size: int = 64  # per worker
     lr: float = 2e-3
@@ -171,15 +173,29 @@ def train_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     loss_name: str,
     device: torch.device,
+    teacher: nn.Module | None = None,
+    distill_weight: float = 0.5,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss, images seen and images per second."""
+    """One pass over ``loader``; returns mean loss, images seen and images per second.
+
+    With a ``teacher`` (knowledge distillation), the loss mixes the labels with the teacher's
+    predictions on the very same augmented crops: a smaller network learns the larger one's
+    consistent placement rather than the frame-to-frame noise of hand labels alone.
+    """
     model.train()
+    if teacher is not None:
+        teacher.eval()
     loss_fn = LOSSES[loss_name]
     total, count, start = 0.0, 0, time.perf_counter()
     for images, targets, _ in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        loss = loss_fn(model(images), targets)
+        pred = model(images)
+        loss = loss_fn(pred, targets)
+        if teacher is not None:
+            with torch.no_grad():
+                taught = teacher(images)
+            loss = (1 - distill_weight) * loss + distill_weight * loss_fn(pred, taught)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -24,6 +24,9 @@ from fkp_core.model import KeypointNet, ModelConfig
 
 FORMAT = "fkp-keypoints/1"
 DEFAULT_MODEL_NAME = "fkp_default"
+# models shipped inside the package, by the name a --model flag takes: the accurate default and a
+# distilled network with ~60% of its CPU cost for the video fast path (README: accuracy and speed)
+BUNDLED_MODELS = {"default": DEFAULT_MODEL_NAME, "fast": "fkp_fast"}
 
 
 class ModelFileError(RuntimeError):
@@ -46,7 +49,31 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
 
 def default_model_path() -> Path:
     """The model shipped inside the package (the default of every job)."""
-    return Path(str(resources.files("fkp_core") / "assets" / f"{DEFAULT_MODEL_NAME}.pt"))
+    return bundled_model_path("default")
+
+
+def bundled_model_path(name: str) -> Path:
+    """One of the models shipped inside the package, by its ``BUNDLED_MODELS`` name."""
+    if name not in BUNDLED_MODELS:
+        raise ModelFileError(f"no bundled model named {name!r} (bundled: {', '.join(BUNDLED_MODELS)})")
+    return Path(str(resources.files("fkp_core") / "assets" / f"{BUNDLED_MODELS[name]}.pt"))
+
+
+def resolve_model_path(value: str | os.PathLike | None) -> Path:
+    """What a ``--model`` value names: a bundled model by name (None: the default), else a file path.
+
+    The names win over files of the same name in the working directory (write ``./fast`` for those).
+    """
+    if value is None:
+        return default_model_path()
+    if str(value) in BUNDLED_MODELS:
+        return bundled_model_path(str(value))
+    return Path(value).resolve()
+
+
+def is_bundled(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is one of the package's own model files (present on every node that has fkp)."""
+    return any(Path(path) == bundled_model_path(name) for name in BUNDLED_MODELS)
 
 
 def _sha256(path: Path) -> str:
@@ -103,8 +130,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load weights + metadata (the bundled model when ``path`` is None), in eval mode on ``device``."""
-    pt_path, json_path = _paths(path if path is not None else default_model_path())
+    """Load weights + metadata (``path``: a file, a ``BUNDLED_MODELS`` name, or None for the default), in eval mode."""
+    pt_path, json_path = _paths(resolve_model_path(path))
     if not pt_path.is_file():
         hint = " (the bundled model is missing: reinstall fkp)" if path is None else ""
         raise ModelFileError(f"{pt_path}: model file not found{hint}")

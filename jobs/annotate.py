@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--render", metavar="DIR", default=None, help="also write one annotated video (or image) per input to DIR")
     p.add_argument("--filter", default="keypoints", metavar="NAMES",
                    help=f"comma-separated overlays for --render, applied in order: {', '.join(sorted(FILTERS))}")
-    p.add_argument("--model", default=None, help="model file (NAME.pt with NAME.json beside it); default: the bundled model")
+    p.add_argument("--model", default=None, help="model file (NAME.pt with NAME.json beside it), or a bundled model by name: "
+                   "'default' (the most accurate) or 'fast' (~60%% of its CPU time per face; README: accuracy); default: default")
     p.add_argument("--overwrite", action="store_true", help="redo videos that are already finished in --out")
     g = p.add_argument_group("speed and accuracy")
     g.add_argument("--segment-frames", type=int, default=None,
@@ -471,7 +472,7 @@ def _settings(args: argparse.Namespace, device: str) -> Settings:
     from fkp_core.annotator import AnnotateConfig
     from fkp_core.detector import HAAR_PRESETS
     from fkp_core.filters import parse_filters
-    from fkp_core.weights import default_model_path
+    from fkp_core.weights import resolve_model_path
 
     if (args.segment_frames is not None and args.segment_frames < 1) or args.detect_every < 1 or args.refine < 0 or args.min_face < 1:
         raise UsageError("--segment-frames, --detect-every and --min-face must be >= 1, --refine >= 0")
@@ -482,8 +483,8 @@ def _settings(args: argparse.Namespace, device: str) -> Settings:
         filters = tuple(parse_filters(args.filter))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    model_path = str(Path(args.model).resolve()) if args.model else str(default_model_path())
-    loaded = load_model_arg(model_path)
+    model_path = str(resolve_model_path(args.model))
+    loaded = load_model_arg(model_path, flag="--model")
     if args.scale_factor <= 1:
         raise UsageError("--scale-factor must be > 1")
     haar = replace(HAAR_PRESETS[args.detector], downscale=detect_scale, min_size=args.min_face, scale_factor=args.scale_factor)
@@ -601,11 +602,12 @@ def run(args: argparse.Namespace) -> int:
 
     from fkp_core.tables import open_output
     from fkp_core.video import video_id
+    from fkp_core.weights import is_bundled
 
     paths, out, settings = _check_args(args)
     mode = init_ray(num_cpus=args.num_cpus, quiet=not args.verbose)
     _check_shared(out, "--out")
-    _check_inputs_shared(paths, settings.model if args.model else None)
+    _check_inputs_shared(paths, None if is_bundled(settings.model) else settings.model)
     if args.render:
         _check_shared(open_output(args.render), "--render")
     resources, use_gpu = use_gpus(args.device, mode)

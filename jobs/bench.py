@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     a.add_argument("--extra", default="", help="more flags for jobs.annotate, as one string (e.g. '--model-actors 1')")
     m = sub.add_parser("model", help="CNN time per face by batch size", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    m.add_argument("--model", default=None, help="model file (default: the bundled model)")
+    m.add_argument("--model", default=None, help="model file, or a bundled model by name ('default', 'fast'); default: default")
     m.add_argument("--device", default="cpu", help="torch device")
     m.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = one core, as the 3 ms budget is stated)")
     m.add_argument("--batch-sizes", default="1,8,32,128", help="comma-separated batch sizes")
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--still-frames", type=int, default=150, help="frames of the generated still-face clip")
     s.add_argument("--noise", type=float, default=4.0, help="sensor noise sigma (gray levels) added to each still frame")
     s.add_argument("--detect-every", default="1,10,30", help="comma-separated K values for the moving-face NME (the first is the reference)")
+    s.add_argument("--extra", default="", help="more flags for jobs.annotate, as one string (e.g. '--model fast')")
     for sp in (a, m, s):
         sp.add_argument("--json", default=None, help="where to save the figures (default: runs/bench/<what>-<time>.json)")
         add_common_flags(sp)
@@ -97,10 +98,13 @@ def bench_annotate(args: argparse.Namespace) -> dict:
         annotate.main([str(EXAMPLES / "sample.mp4"), "--out", f"{tmp}/warm", "-q", *args.extra.split()])
     results = []
     for path in args.videos:
-        frames, secs = decode_only_fps(path)
         info = probe(path)
-        entry = {"video": path, "frames": frames, "size": [info.width, info.height], "decode_only_fps": frames / secs, "runs": []}
+        entry = {"video": path, "size": [info.width, info.height], "runs": []}
         for k in ks:
+            # decode-only right before each run: on a shared machine the speed of the cores drifts
+            # between minutes, and a ratio is only as good as its two figures are close in time
+            frames, secs = decode_only_fps(path)
+            entry["frames"] = frames
             with tempfile.TemporaryDirectory() as tmp:
                 argv = [path, "--out", f"{tmp}/out", "--detect-every", str(k), "-q", *args.extra.split()]
                 if args.segment_frames:
@@ -110,15 +114,16 @@ def bench_annotate(args: argparse.Namespace) -> dict:
                 wall = time.perf_counter() - t0
                 status = open_output(f"{tmp}/out").read_json(open_output(f"{tmp}/out").status_path(video_id(path)))
             run = {
-                "detect_every": k, "exit_code": code, "wall_s": wall, "fps": frames / wall,
-                "ratio_to_decode_only": (frames / wall) / entry["decode_only_fps"], "faces": status.get("faces"),
+                "detect_every": k, "exit_code": code, "wall_s": wall, "fps": frames / wall, "decode_only_fps": frames / secs,
+                "ratio_to_decode_only": (frames / wall) / (frames / secs), "faces": status.get("faces"),
                 "stage_cpu_seconds": status.get("stage_seconds"),
                 "stage_ms_per_frame": {s: 1000 * v / max(frames, 1) for s, v in (status.get("stage_seconds") or {}).items()},
             }
             entry["runs"].append(run)
-            print(f"{Path(path).name}: decode-only {entry['decode_only_fps']:.0f} fps | detect-every {k}: "
+            print(f"{Path(path).name}: decode-only {run['decode_only_fps']:.0f} fps | detect-every {k}: "
                   f"{run['fps']:.0f} fps = {run['ratio_to_decode_only']:.2f} x decode-only | per frame (CPU ms): "
                   + ", ".join(f"{s} {v:.2f}" for s, v in run["stage_ms_per_frame"].items()))
+        entry["decode_only_fps"] = sorted(r["decode_only_fps"] for r in entry["runs"])[len(entry["runs"]) // 2]  # median
         results.append(entry)
     return {"what": "annotate", "machine": _machine(), "command": args.command, "results": results}
 
@@ -179,7 +184,7 @@ def bench_smoothing(args: argparse.Namespace) -> dict:
         with VideoWriter(still, 30, first.shape[1], first.shape[0], crf=12) as w:
             for _ in range(args.still_frames):
                 w.write(np.clip(first.astype(np.float32) + rng.normal(0, args.noise, first.shape), 0, 255).astype(np.uint8))
-        assert annotate.main([str(still), "--out", f"{tmp}/still", "-q"]) == 0
+        assert annotate.main([str(still), "--out", f"{tmp}/still", "-q", *args.extra.split()]) == 0
         df = pd.read_parquet(f"{tmp}/still")
         jitter = {}
         for col in ("keypoints_raw", "keypoints"):
@@ -194,7 +199,7 @@ def bench_smoothing(args: argparse.Namespace) -> dict:
         moving = {}
         ks = [int(k) for k in args.detect_every.split(",")]
         for k in ks:
-            assert annotate.main([str(clip), "--out", f"{tmp}/moving{k}", "--detect-every", str(k), "-q"]) == 0
+            assert annotate.main([str(clip), "--out", f"{tmp}/moving{k}", "--detect-every", str(k), "-q", *args.extra.split()]) == 0
             df = pd.read_parquet(f"{tmp}/moving{k}")
             gt = truth[df.frame_index.to_numpy()]
             for col in ("keypoints_raw", "keypoints"):

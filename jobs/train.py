@@ -73,9 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, choices=sorted(MODEL_PRESETS), help=f"network preset (fkp_core.model.MODEL_PRESETS; default: {d.model})")
     g.add_argument("--input-size", type=int, default=None, help="crop side in pixels (default: the preset's)")
     g.add_argument("--init", default=None, metavar="MODEL",
-                   help="start from the weights of a release model (NAME.pt with NAME.json beside it, or 'bundled' for the "
-                        "shipped one), to fine-tune it on more data; its architecture replaces --model and --input-size "
+                   help="start from the weights of a release model (NAME.pt with NAME.json beside it, or a bundled one by "
+                        "name: 'bundled' or 'default', 'fast'), to fine-tune it on more data; its architecture replaces --model and --input-size "
                         "(default: random initialisation)")
+    g.add_argument("--distill", default=None, metavar="MODEL",
+                   help="knowledge distillation: a release model (path, or 'bundled'/'default', 'fast') whose predictions on the same "
+                        "augmented crops the network also learns; it must take the same input size (default: off)")
+    g.add_argument("--distill-weight", type=float, default=d.distill_weight,
+                   help="share of the loss given to the --distill teacher's predictions (the rest to the labels)")
     g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the (weighted) training set")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step per worker")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
@@ -252,6 +257,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
     val_loader = DataLoader(val_ds, batch_size=256, shuffle=False, **common)
 
+    teacher = None
+    if cfg.distill:
+        from fkp_core.weights import load_model
+
+        teacher = load_model(cfg.distill, device=str(device)).model.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     model = ray.train.torch.prepare_model(preset)  # moves to the worker's device, wraps in DDP when world > 1
     core = model.module if hasattr(model, "module") else model
     optimizer, scheduler = make_optimizer(model, cfg, len(train_loader))
@@ -277,7 +289,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
-        stats = train_epoch(model, train_loader, optimizer, scheduler, cfg.loss, device)
+        stats = train_epoch(model, train_loader, optimizer, scheduler, cfg.loss, device, teacher, cfg.distill_weight)
         per_source = validation_nme(core, val_loader, device, val_ds.sources)
         selection = float(np.mean([per_source[n] for n in train_names if n in per_source])) if per_source else float("nan")
         metrics = {
@@ -357,10 +369,32 @@ def _resolve_init(args: argparse.Namespace) -> tuple[str | None, dict | None]:
         return None, None
     if args.model is not None or args.input_size is not None:
         raise UsageError("--init takes the architecture from the model file: leave out --model and --input-size")
-    from fkp_core.weights import default_model_path
+    from fkp_core.weights import default_model_path, resolve_model_path
 
-    path = default_model_path() if args.init == "bundled" else Path(args.init).resolve()
+    path = default_model_path() if args.init == "bundled" else resolve_model_path(args.init)
     return str(path), load_model_arg(path, flag="--init").metadata
+
+
+def _resolve_distill(args: argparse.Namespace, parent: dict | None) -> tuple[str | None, dict | None]:
+    """``--distill`` as an absolute model path and its metadata, checked to see the crops the student sees."""
+    if args.distill is None:
+        return None, None
+    if not 0 < args.distill_weight <= 1:
+        raise UsageError("--distill-weight must be in (0, 1]")
+    from fkp_core.model import MODEL_PRESETS
+    from fkp_core.training import TrainConfig
+    from fkp_core.weights import default_model_path, resolve_model_path
+
+    path = default_model_path() if args.distill == "bundled" else resolve_model_path(args.distill)
+    teacher = load_model_arg(path, flag="--distill")
+    if parent:
+        size = parent["config"]["input_size"]
+    else:
+        size = args.input_size or MODEL_PRESETS[args.model or TrainConfig.model].input_size
+    if teacher.model.config.input_size != size:
+        raise UsageError(f"--distill: the teacher takes {teacher.model.config.input_size}-px crops and the network "
+                         f"{size}-px ones; they must see the same crops")
+    return str(path), teacher.metadata
 
 
 def run(args: argparse.Namespace) -> int:
@@ -376,6 +410,7 @@ def run(args: argparse.Namespace) -> int:
     if args.storage and "://" not in args.storage and not os.path.isabs(args.storage):
         raise UsageError("--storage must be an absolute path or a URI (Ray Train requires it)")
     init, parent = _resolve_init(args)
+    distill, teacher_meta = _resolve_distill(args, parent)
     train_sources, val_sources = resolve_sources(args)
     remote_output = "://" in args.output  # e.g. s3://bucket/models: written locally, then uploaded
     if remote_output:
@@ -397,7 +432,7 @@ def run(args: argparse.Namespace) -> int:
     parent_trained = parent.get("trained", {}) if parent else {}
     cfg = TrainConfig(
         model=parent_trained.get("train_config", {}).get("model", "custom") if parent else (args.model or TrainConfig.model),
-        input_size=args.input_size, init=init,
+        input_size=args.input_size, init=init, distill=distill, distill_weight=args.distill_weight,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs, loss=args.loss,
         val_fraction=args.val_fraction, seed=args.seed,
@@ -453,6 +488,9 @@ def run(args: argparse.Namespace) -> int:
     }
     if parent:
         extra["init"] = {"path": init, "sha256": parent.get("sha256"), "trained": parent_trained}
+    if teacher_meta:
+        extra["distill"] = {"path": distill, "sha256": teacher_meta.get("sha256"), "weight": args.distill_weight,
+                            "teacher_validation": teacher_meta.get("metrics", {}).get("validation")}
     with tempfile.TemporaryDirectory() as tmp, result.checkpoint.as_directory() as ckdir:
         path = export_release(Path(ckdir), Path(tmp) if remote_output else output, args.name, extra)
         meta = json.loads(path.with_suffix(".json").read_text())

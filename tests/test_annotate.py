@@ -108,6 +108,18 @@ def test_input_and_output_as_filesystem_uris(tmp_path):
     assert run("nosuchscheme://bucket/videos", "--out", tmp_path / "x") == 2
 
 
+def test_the_fast_bundled_model_by_name(tmp_path, sample_run):
+    out = tmp_path / "fast"
+    assert run(SAMPLE, "--out", out, "--model", "fast", "--segment-frames", "160") == 0
+    assert videos(out).iloc[0].model.startswith("fkp_fast (")
+    df = faces(out)
+    assert len(df) >= MIN_FACE_FRAMES
+    kp = np.stack(df.keypoints.to_numpy()).reshape(-1, 68, 2)
+    errors = nme(kp, truth()[df.frame_index.to_numpy()])
+    assert np.median(errors) < 0.08 and (errors < 0.15).mean() > 0.97  # the bar the default model meets
+    assert not videos(sample_run).iloc[0].model.startswith("fkp_fast")
+
+
 def test_local_paths_every_node_cannot_see_are_refused(tmp_path, monkeypatch, capsys):
     """The multi-node checks, with real Ray tasks on this (single) node; the node count is faked."""
     from jobs.common import UsageError

@@ -4,7 +4,17 @@ import pytest
 import torch
 
 from fkp_core.model import MODEL_PRESETS, ModelConfig, build_model, count_parameters
-from fkp_core.weights import ModelFileError, default_model_path, load_model, read_metadata, save_model
+from fkp_core.weights import (
+    BUNDLED_MODELS,
+    ModelFileError,
+    bundled_model_path,
+    default_model_path,
+    is_bundled,
+    load_model,
+    read_metadata,
+    resolve_model_path,
+    save_model,
+)
 
 
 @pytest.mark.parametrize("preset", sorted(MODEL_PRESETS))
@@ -105,14 +115,47 @@ def test_truncated_weights_are_refused(tmp_path):
         load_model(path)
 
 
-def test_bundled_model_loads_and_is_small():
-    path = default_model_path()
-    if not path.is_file():
-        pytest.skip("no bundled model in this checkout yet")
-    loaded = load_model()
-    assert path.stat().st_size <= 10 * 1024 * 1024
-    assert "command" in loaded.metadata["trained"]
+@pytest.mark.parametrize("name", sorted(BUNDLED_MODELS))
+def test_bundled_models_load_by_name_and_are_small(name):
+    path = bundled_model_path(name)
+    loaded = load_model(name)
+    assert loaded.path == path and path.stat().st_size <= 10 * 1024 * 1024
+    assert "jobs.train" in loaded.metadata["trained"]["command"]
     s = loaded.config.input_size
     with torch.no_grad():
         out = loaded.model(torch.rand(1, 1, s, s))
     assert out.shape == (1, 68, 2) and torch.isfinite(out).all()
+
+
+def test_model_names_paths_and_the_default(tmp_path, monkeypatch):
+    assert resolve_model_path(None) == default_model_path() == resolve_model_path("default") == load_model().path
+    assert is_bundled(resolve_model_path("fast")) and not is_bundled(tmp_path / "fkp_fast.pt")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_path("runs/m.pt") == tmp_path / "runs" / "m.pt"  # anything else is a path
+    assert resolve_model_path("./fast") == tmp_path / "fast"
+    with pytest.raises(ModelFileError, match="no bundled model named 'huge'"):
+        bundled_model_path("huge")
+
+
+def test_the_fast_model_costs_less_than_the_default():
+    """What 'fast' means, counted rather than timed: multiply-adds per face (time follows on a CPU)."""
+    from torch import nn
+
+    def macs(model: nn.Module) -> int:
+        total = 0
+
+        def hook(mod, _inp, out):
+            nonlocal total
+            total += out.numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+
+        hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+        s = model.config.input_size
+        with torch.no_grad():
+            model(torch.zeros(1, 1, s, s))
+        for h in hooks:
+            h.remove()
+        return total
+
+    fast, default = load_model("fast"), load_model("default")
+    assert macs(fast.model) < 0.6 * macs(default.model)
+    assert fast.metadata["trained"]["distill"]["sha256"] == default.metadata["sha256"]  # taught by the default

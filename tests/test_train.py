@@ -66,12 +66,16 @@ def test_fine_tuning_starts_from_the_given_model(ray_session, course, tmp_path):
     parent_path = save_model(build_model("tiny").eval(), tmp_path / "parent" / "p", {"trained": {"command": "parent cmd"}})
     parent = load_model(parent_path)
     # a learning rate so small that training cannot move the weights: what comes out is what went in
+    # (the parent also teaches: distillation is wired through Ray Train and recorded)
     code = _main(train, ["--data", f"course:{course}", "--epochs", "1", "--lr", "1e-12", "--init", parent_path,
+                         "--distill", parent_path, "--distill-weight", "0.7",
                          "--output", tmp_path / "ft", "--name", "ft", *[a for a in TINY if a not in ("--model", "tiny")]])
     assert code == 0
     child = load_model(tmp_path / "ft" / "ft.pt")
     assert child.config == parent.config
     assert child.metadata["trained"]["init"]["sha256"] == parent.metadata["sha256"]
+    assert child.metadata["trained"]["distill"]["sha256"] == parent.metadata["sha256"]
+    assert child.metadata["trained"]["train_config"]["distill_weight"] == 0.7
     assert child.metadata["trained"]["init"]["trained"]["command"] == "parent cmd"
     convs = [k for k, v in parent.model.state_dict().items() if k.endswith("weight") and v.ndim == 4]
     fresh = build_model("tiny").state_dict()
@@ -147,6 +151,9 @@ def test_download_rejects_bad_archives(tmp_path):
         (["--data", "{course}", "--lr", "fast"], "invalid float value"),
         (["--data", "{course}", "--init", "{tmp}/none.pt"], "model file not found"),
         (["--data", "{course}", "--init", "bundled", "--model", "tiny"], "leave out --model"),
+        (["--data", "{course}", "--distill", "{tmp}/none.pt"], "model file not found"),
+        (["--data", "{course}", "--distill", "bundled", "--model", "tiny"], "must see the same crops"),
+        (["--data", "{course}", "--distill", "bundled", "--distill-weight", "0"], "--distill-weight"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(tmp_path, capsys, course, argv, message):

@@ -1,0 +1,36 @@
+"""jobs.bench annotate: the figures it saves, and each ratio tied to a decode-only figure of its own."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import PROJECT_ROOT
+from jobs import bench
+
+SAMPLE = PROJECT_ROOT / "examples" / "sample.mp4"
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def test_annotate_bench_saves_fps_ratios_and_stages(tmp_path, capsys):
+    clip = tmp_path / "clip.mp4"
+    shutil.copy(SAMPLE, clip)
+    out = tmp_path / "bench.json"
+    assert bench.main(["annotate", str(clip), "--detect-every", "1,10", "--json", str(out), "--extra=--model fast", "-q"]) == 0
+    saved = json.loads(out.read_text())
+    entry = saved["results"][0]
+    assert entry["frames"] == 320 and entry["size"] == [320, 320] and len(entry["runs"]) == 2
+    for run, k in zip(entry["runs"], (1, 10)):
+        assert run["detect_every"] == k and run["exit_code"] == 0 and run["faces"] >= 314
+        assert run["fps"] == pytest.approx(320 / run["wall_s"])
+        assert run["ratio_to_decode_only"] == pytest.approx(run["fps"] / run["decode_only_fps"])  # its own decode-only run
+        assert set(run["stage_ms_per_frame"]) == {"decode", "detect", "cnn", "other", "post"}
+    assert entry["decode_only_fps"] in [r["decode_only_fps"] for r in entry["runs"]]
+    # Haar on every frame runs the detector 320 times, K = 10 about 32 + a few: the detect stage shows it
+    per_frame = [r["stage_ms_per_frame"]["detect"] for r in entry["runs"]]
+    assert per_frame[1] < per_frame[0] / 2
+    assert "--model fast" in saved["command"]
+    assert "x decode-only" in capsys.readouterr().out
