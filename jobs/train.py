@@ -369,10 +369,15 @@ def _resolve_init(args: argparse.Namespace) -> tuple[str | None, dict | None]:
         return None, None
     if args.model is not None or args.input_size is not None:
         raise UsageError("--init takes the architecture from the model file: leave out --model and --input-size")
-    from fkp_core.weights import default_model_path, resolve_model_path
-
-    path = default_model_path() if args.init == "bundled" else resolve_model_path(args.init)
+    path = _release_model_path(args.init)
     return str(path), load_model_arg(path, flag="--init").metadata
+
+
+def _release_model_path(value: str) -> Path:
+    """A model named by --init or --distill: 'bundled' (the default), another bundled name, or a path."""
+    from fkp_core.weights import resolve_model_path
+
+    return resolve_model_path(None if value == "bundled" else value)
 
 
 def _resolve_distill(args: argparse.Namespace, parent: dict | None) -> tuple[str | None, dict | None]:
@@ -383,9 +388,8 @@ def _resolve_distill(args: argparse.Namespace, parent: dict | None) -> tuple[str
         raise UsageError("--distill-weight must be in (0, 1]")
     from fkp_core.model import MODEL_PRESETS
     from fkp_core.training import TrainConfig
-    from fkp_core.weights import default_model_path, resolve_model_path
 
-    path = default_model_path() if args.distill == "bundled" else resolve_model_path(args.distill)
+    path = _release_model_path(args.distill)
     teacher = load_model_arg(path, flag="--distill")
     if parent:
         size = parent["config"]["input_size"]
