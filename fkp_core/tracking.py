@@ -369,18 +369,21 @@ def frame_signature(image: np.ndarray) -> np.ndarray:
     if gray.dtype != np.uint8:
         g = gray.astype(np.float64)
         gray = np.clip(g * (255.0 if g.size and g.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-    # Decimate first (every k-th pixel) so that the area-averaging resize reads ~4 pixels per
-    # thumbnail pixel, not the whole frame: 0.3 ms -> ~0.05 ms on 640x480, and the thumbnail still
-    # averages enough pixels to be insensitive to noise.
-    k = max(1, min(gray.shape[0], gray.shape[1]) // (2 * SIGNATURE_SIZE))
-    if k > 1:
-        gray = gray[::k, ::k]
+    # Sample a 2x grid of pixels (nearest) and average each 2 x 2 of it: the thumbnail reads 4 pixels
+    # per thumbnail pixel, not the whole frame, which is enough to be insensitive to noise. Both
+    # resizes take OpenCV's fast paths (an area resize by a fraction does not): ~15 us on 640x480,
+    # run on every frame of every video.
+    side = 2 * SIGNATURE_SIZE
+    if min(gray.shape[0], gray.shape[1]) >= side:
+        gray = cv2.resize(gray, (side, side), interpolation=cv2.INTER_NEAREST)
     thumb = cv2.resize(gray, (SIGNATURE_SIZE, SIGNATURE_SIZE), interpolation=cv2.INTER_AREA)
     step = SIGNATURE_SIZE // SIGNATURE_GRID
     blocks = thumb.reshape(SIGNATURE_GRID, step, SIGNATURE_GRID, step).transpose(0, 2, 1, 3)
     blocks = blocks.reshape(SIGNATURE_GRID**2, -1)
-    bins = (blocks.astype(np.int64) * SIGNATURE_BINS) // 256
-    hist = np.stack([np.bincount(b, minlength=SIGNATURE_BINS) for b in bins]).astype(np.float64)
+    # one bincount over (block, bin) pairs
+    bins = (blocks.astype(np.int64) * SIGNATURE_BINS) // 256 + (np.arange(SIGNATURE_GRID**2) * SIGNATURE_BINS)[:, None]
+    hist = np.bincount(bins.ravel(), minlength=SIGNATURE_GRID**2 * SIGNATURE_BINS).astype(np.float64)
+    hist = hist.reshape(SIGNATURE_GRID**2, SIGNATURE_BINS)
     hist /= hist.sum(axis=1, keepdims=True)
     layout = cv2.resize(thumb, (LAYOUT_SIZE, LAYOUT_SIZE), interpolation=cv2.INTER_AREA).astype(np.float64).ravel()
     layout -= layout.mean()

@@ -74,10 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input-size", type=int, default=None, help="crop side in pixels (default: the preset's)")
     g.add_argument("--init", default=None, metavar="MODEL",
                    help="start from the weights of a release model (NAME.pt with NAME.json beside it, or a bundled one by "
-                        "name: 'bundled' or 'default', 'fast'), to fine-tune it on more data; its architecture replaces --model and --input-size "
+                        "name: 'bundled' or 'default', 'fast', 'fastest'), to fine-tune it on more data; its architecture replaces --model and --input-size "
                         "(default: random initialisation)")
     g.add_argument("--distill", default=None, metavar="MODEL",
-                   help="knowledge distillation: a release model (path, or 'bundled'/'default', 'fast') whose predictions on the same "
+                   help="knowledge distillation: a release model (path, or 'bundled'/'default', 'fast', 'fastest') whose predictions on the same "
                         "augmented crops the network also learns; it must take the same input size (default: off)")
     g.add_argument("--distill-weight", type=float, default=d.distill_weight,
                    help="share of the loss given to the --distill teacher's predictions (the rest to the labels)")

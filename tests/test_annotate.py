@@ -108,10 +108,11 @@ def test_input_and_output_as_filesystem_uris(tmp_path):
     assert run("nosuchscheme://bucket/videos", "--out", tmp_path / "x") == 2
 
 
-def test_the_fast_bundled_model_by_name(tmp_path, sample_run):
-    out = tmp_path / "fast"
-    assert run(SAMPLE, "--out", out, "--model", "fast", "--segment-frames", "160") == 0
-    assert videos(out).iloc[0].model.startswith("fkp_fast (")
+@pytest.mark.parametrize("name", ["fast", "fastest"])
+def test_the_fast_bundled_models_by_name(tmp_path, sample_run, name):
+    out = tmp_path / name
+    assert run(SAMPLE, "--out", out, "--model", name, "--segment-frames", "160") == 0
+    assert videos(out).iloc[0].model.startswith(f"fkp_{name} (")
     df = faces(out)
     assert len(df) >= MIN_FACE_FRAMES
     kp = np.stack(df.keypoints.to_numpy()).reshape(-1, 68, 2)
