@@ -25,7 +25,7 @@ from fkp_core.model import KeypointNet, ModelConfig
 FORMAT = "fkp-keypoints/1"
 DEFAULT_MODEL_NAME = "fkp_default"
 # models shipped inside the package, by the name a --model flag takes: the accurate default and two
-# networks distilled from it for the video fast path, ~0.6x and ~0.35x its CPU time per face, at some
+# networks distilled from it for the video fast path, ~0.6x and ~0.3x its CPU time per face, at some
 # accuracy (README: Accuracy and Speed)
 BUNDLED_MODELS = {"default": DEFAULT_MODEL_NAME, "fast": "fkp_fast", "fastest": "fkp_fastest"}
 
@@ -134,7 +134,7 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
     """Load weights + metadata (``path``: a file, a ``BUNDLED_MODELS`` name, or None for the default), in eval mode."""
     pt_path, json_path = _paths(resolve_model_path(path))
     if not pt_path.is_file():
-        hint = " (the bundled model is missing: reinstall fkp)" if path is None else ""
+        hint = " (a bundled model is missing: reinstall fkp)" if is_bundled(pt_path) else ""
         raise ModelFileError(f"{pt_path}: model file not found{hint}")
     meta = read_metadata(pt_path)
     expected = meta.get("sha256")

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter", default="keypoints", metavar="NAMES",
                    help=f"comma-separated overlays for --render, applied in order: {', '.join(sorted(FILTERS))}")
     p.add_argument("--model", default=None, help="model file (NAME.pt with NAME.json beside it), or a bundled model by name: "
-                   "'default' (the most accurate), 'fast' or 'fastest' (~0.6x and ~0.35x its CPU time per face, at 2-4%% and "
+                   "'default' (the most accurate), 'fast' or 'fastest' (~0.6x and ~0.3x its CPU time per face, at 2-4%% and "
                    "9-11%% higher NME: README, Accuracy); default: default")
     p.add_argument("--overwrite", action="store_true", help="redo videos that are already finished in --out")
     g = p.add_argument_group("speed and accuracy")

@@ -220,6 +220,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_epoch,
         validation_nme,
     )
+    from fkp_core.weights import load_model
 
     cfg = TrainConfig.from_dict(config["train"])
     ctx = ray.train.get_context()
@@ -242,8 +243,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         val_records += src.read("training") if src.kind == "course" else src.read()
 
     if cfg.init:
-        from fkp_core.weights import load_model
-
         preset = load_model(cfg.init).model.train()
     else:
         preset = build_model(cfg.model, **({"input_size": cfg.input_size} if cfg.input_size else {}))
@@ -259,8 +258,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     teacher = None
     if cfg.distill:
-        from fkp_core.weights import load_model
-
         teacher = load_model(cfg.distill, device=str(device)).model.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
