@@ -101,15 +101,16 @@ def _recorded_epoch(run_dir: Path) -> int:
 
 
 def _session_pids(sid: int) -> list[int]:
-    """Processes still in session ``sid``: Ray's actors outlive a killed driver by a few seconds."""
+    """Live processes (not zombies) of session ``sid``: Ray's actors outlive a killed driver by a few seconds."""
     pids = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                if os.getsid(int(d.name)) == sid:
-                    pids.append(int(d.name))
-            except OSError:
-                pass
+                state, _ppid, _pgrp, session = (d / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+            except (OSError, IndexError, ValueError):
+                continue
+            if int(session) == sid and state != "Z":  # a zombie writes nothing; its reaping is up to PID 1
+                pids.append(int(d.name))
     return pids
 
 
