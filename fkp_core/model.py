@@ -68,7 +68,7 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "hm": ModelConfig(head="heatmap", head_hidden=64, heatmap_stride=8),
     "hm-deep": ModelConfig(head="heatmap", head_hidden=64, heatmap_stride=8, depths=(2, 2, 3, 1)),
     "large": ModelConfig(input_size=128, widths=(32, 64, 128, 256), depths=(2, 2, 2, 1)),
-    # hm at 3/4 and 1/2 width: ~0.6x and ~0.35x its CPU time per face (the bundled 'fast' and 'fastest'
+    # hm at 3/4 and 1/2 width: ~0.6x and ~0.3x its CPU time per face (the bundled 'fast' and 'fastest'
     # models, distilled from hm)
     "hm-slim": ModelConfig(stem=24, widths=(24, 48, 96, 192), head="heatmap", head_hidden=48, heatmap_stride=8),
     "hm-thin": ModelConfig(stem=16, widths=(16, 32, 64, 128), head="heatmap", head_hidden=32, heatmap_stride=8),
