@@ -32,8 +32,16 @@ from fkp_core.constants import NUM_KEYPOINTS
 from fkp_core.detector import FaceDetector, iou
 from fkp_core.landmarks import keypoints_for_boxes
 from fkp_core.tables import FaceColumns
-from fkp_core.tracking import SCENE_CUT_THRESHOLD, Tracker, TrackerConfig, cut_score, frame_signature, keypoint_consistency
-from fkp_core.transforms import box_from_keypoints, to_gray
+from fkp_core.tracking import (
+    REDETECT_BELOW,
+    SCENE_CUT_THRESHOLD,
+    Tracker,
+    TrackerConfig,
+    cut_score,
+    frame_signature,
+    keypoint_consistency,
+)
+from fkp_core.transforms import box_from_keypoints, face_frame, to_gray
 
 PredictFn = Callable[[np.ndarray], np.ndarray]  # (N, S, S) uint8 crops -> (N, 68, 2) in [-1, 1]
 
@@ -45,10 +53,10 @@ class AnnotateConfig:
     detect_every: int = 1
     refine: int = 1  # extra CNN passes re-cropped around the prediction, on detection frames
     chunk_frames: int = 1  # > 1 with detect_every 1: batch the CNN over this many frames (model actors)
-    min_confidence: float = 0.5  # fast path: below this a tracked face is re-detected at once
+    min_confidence: float = REDETECT_BELOW  # fast path: below this a tracked face is re-detected at once
     # a tracked face the detector has not seen for this many frames (and at least 2 detection frames) is dropped
     max_unconfirmed_frames: int = 10
-    min_face: int = 0  # faces smaller than this many pixels (box side) are ignored
+    upright: bool = True  # crops turned so the eyes are level (detector eye points, then the keypoints)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
 
 
@@ -142,16 +150,16 @@ class SegmentAnnotator:
         if signature is not None:
             self.stats.tail_signature = signature.tolist()
 
-    def _detect(self, gray: np.ndarray) -> np.ndarray:
+    def _detect(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The crop boxes (N, 4) and angles (N,) of the faces the detector finds, through its calibration."""
         t0 = time.perf_counter()
-        boxes = self.detector.detect(gray)
-        if self.config.min_face and len(boxes):
-            boxes = boxes[np.minimum(boxes[:, 2], boxes[:, 3]) >= self.config.min_face]
+        detections = self.detector.detect(gray)
+        regions = self.detector.calibration.crop_regions(detections, self.config.upright)
         self.stats.seconds["detect"] += time.perf_counter() - t0
         self.stats.detections += 1
-        return boxes
+        return regions
 
-    def _predict(self, grays: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray]:
+    def _predict(self, grays: list[np.ndarray], boxes: list[np.ndarray], angles: list[np.ndarray] | None = None) -> list[np.ndarray]:
         """Keypoints (Ni, 68, 2) in frame pixels for the boxes of each frame, one network call."""
         cnn = 0.0
 
@@ -163,24 +171,31 @@ class SegmentAnnotator:
             return out
 
         t0 = time.perf_counter()
-        result = keypoints_for_boxes(timed, grays, boxes, self.size, self.margin)
+        result = keypoints_for_boxes(timed, grays, boxes, self.size, self.margin, angles)
         self.stats.seconds["cnn"] += cnn
         self.stats.seconds["other"] += time.perf_counter() - t0 - cnn
         return result
 
-    def _predict_refined(self, grays: list[np.ndarray], boxes: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def _predict_refined(
+        self, grays: list[np.ndarray], boxes: list[np.ndarray], angles: list[np.ndarray]
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Keypoints after ``refine`` re-crops, and the consistency of the last pass with its crop."""
-        kps = self._predict(grays, boxes)
+        kps = self._predict(grays, boxes, angles)
         crop_boxes = boxes
         for _ in range(self.config.refine):
-            crop_boxes = [box_from_keypoints(k) if len(k) else b for k, b in zip(kps, boxes)]
-            kps = self._predict(grays, crop_boxes)
+            frames = [self._frame(k) if len(k) else (b, a) for k, b, a in zip(kps, boxes, angles)]
+            crop_boxes = [f[0] for f in frames]
+            kps = self._predict(grays, crop_boxes, [f[1] for f in frames])
         conf = [self._consistency(b, k) for b, k in zip(crop_boxes, kps)]
         return kps, conf
 
-    @staticmethod
-    def _consistency(crop_boxes: np.ndarray, kps: np.ndarray) -> np.ndarray:
-        return np.array([keypoint_consistency(b, k) for b, k in zip(crop_boxes, kps)], np.float32).reshape(len(kps))
+    def _frame(self, kps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Crop boxes and angles around (N, 68, 2) keypoints: the framing the model was trained on."""
+        return face_frame(kps, self.config.upright)
+
+    def _consistency(self, crop_boxes: np.ndarray, kps: np.ndarray) -> np.ndarray:
+        up = self.config.upright
+        return np.array([keypoint_consistency(b, k, upright=up) for b, k in zip(crop_boxes, kps)], np.float32).reshape(len(kps))
 
     def _emit(self, frame: _Frame, boxes: np.ndarray, kps: np.ndarray, detected: np.ndarray, confidence: np.ndarray,
               continues: np.ndarray | None = None) -> np.ndarray:
@@ -221,8 +236,9 @@ class SegmentAnnotator:
 
     def _flush_chunk(self, chunk: list[_Frame]) -> None:
         grays = [f.gray for f in chunk]
-        boxes = [self._detect(g).astype(np.float64) for g in grays]
-        kps, conf = self._predict_refined(grays, boxes)
+        regions = [self._detect(g) for g in grays]
+        boxes = [r[0] for r in regions]
+        kps, conf = self._predict_refined(grays, boxes, [r[1] for r in regions])
         for f, b, k, c in zip(chunk, boxes, kps, conf):
             self._emit(f, b, k, np.ones(len(k), bool), c)
 
@@ -239,15 +255,15 @@ class SegmentAnnotator:
             if frame.cut:  # a new shot: nothing carries over, look again (and keep looking for K frames)
                 prev, prev_ids, misses, since, search = prev[:0], prev_ids[:0], misses[:0], K, K
             # every tracked face: crop around its previous keypoints, predict again
-            t_boxes = box_from_keypoints(prev) if len(prev) else np.zeros((0, 4))
-            t_kps = self._predict([frame.gray], [t_boxes])[0] if len(prev) else prev
+            t_boxes, t_angles = self._frame(prev) if len(prev) else (np.zeros((0, 4)), np.zeros(0))
+            t_kps = self._predict([frame.gray], [t_boxes], [t_angles])[0] if len(prev) else prev
             t_conf = self._consistency(t_boxes, t_kps)
             keep = _dedupe(t_kps, t_conf)
             t_kps, t_boxes, t_conf, t_misses, t_ids = t_kps[keep], t_boxes[keep], t_conf[keep], misses[keep], prev_ids[keep]
             ok = t_conf >= thr
             if since >= K or not ok.all() or search > 0:
                 since = 1
-                boxes = self._detect(frame.gray).astype(np.float64)
+                boxes, angles = self._detect(frame.gray)
                 matched = np.zeros(len(t_kps), bool)
                 new = np.ones(len(boxes), bool)
                 if len(boxes) and ok.any():
@@ -258,7 +274,7 @@ class SegmentAnnotator:
                 # detection frames: the fit cannot tell a face from a patch that merely looks stable
                 t_misses = np.where(matched, 0, t_misses + 1)
                 stay = ok & (t_misses <= max_misses)
-                d_kps, d_conf = self._predict_refined([frame.gray], [boxes[new]])
+                d_kps, d_conf = self._predict_refined([frame.gray], [boxes[new]], [angles[new]])
                 out_kps = np.concatenate([t_kps[stay], d_kps[0]]).astype(np.float32)
                 out_boxes = np.concatenate([t_boxes[stay], boxes[new]])
                 detected = np.concatenate([matched[stay], np.ones(int(new.sum()), bool)])

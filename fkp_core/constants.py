@@ -8,6 +8,9 @@ from __future__ import annotations
 
 NUM_KEYPOINTS = 68
 
+# Still images: read as data sets and as one-frame videos, written back by --render.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
 # Half-open index ranges of the facial regions, in iBUG-68 order.
 REGIONS: dict[str, range] = {
     "jaw": range(0, 17),

@@ -20,13 +20,12 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from fkp_core.constants import NUM_KEYPOINTS
+from fkp_core.constants import IMAGE_EXTENSIONS, NUM_KEYPOINTS
 
 log = logging.getLogger(__name__)
 
 OnError = Literal["raise", "skip"]
 COURSE_SPLITS = ("training", "test")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # iBUG .pts files count pixels from 1 (Matlab convention); the project counts from 0.
 PTS_ORIGIN = 1.0
 

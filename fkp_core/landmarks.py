@@ -1,9 +1,11 @@
 """Images -> faces with 68 keypoints in image pixels: detector, face crop, one batched CNN pass.
 
 All face crops of one or many images go through the network together; each prediction is
-mapped back through the inverse of the crop that produced it. With ``refine`` > 0 the face is
-cropped again around its predicted keypoints (the framing the model was trained on) and
-predicted once more, which removes most of the error a detector's loose box adds.
+mapped back through the inverse of the crop that produced it. The first crop comes from the
+detector's box through that detector's calibration, turned upright by its eye points where it
+has them; with ``refine`` > 0 the face is cropped again around its predicted keypoints (the
+framing the model was trained on, eyes level) and predicted once more, which removes most of
+the error a detector's loose box adds.
 """
 
 from __future__ import annotations
@@ -17,39 +19,42 @@ import numpy as np
 import torch
 
 from fkp_core.constants import NUM_KEYPOINTS
-from fkp_core.detector import FaceDetector, HaarDetector
+from fkp_core.detector import DetectorSpec, FaceDetector, make_detector
 from fkp_core.inference import make_predictor
 from fkp_core.model import KeypointNet
-from fkp_core.transforms import box_from_keypoints, crop_face, to_gray, uncrop_keypoints
+from fkp_core.transforms import crop_face, face_frame, to_gray, uncrop_keypoints
 from fkp_core.weights import LoadedModel, load_model
 
 
 @dataclass
 class Faces:
-    """The faces of one image: boxes (N, 4) int32 and keypoints (N, 68, 2) float32, N may be 0."""
+    """The faces of one image: the detector's boxes (N, 4) int32 and scores (N,), keypoints (N, 68, 2) float32; N may be 0."""
 
     boxes: np.ndarray
     keypoints: np.ndarray
+    scores: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.boxes)
 
     @staticmethod
     def empty() -> Faces:
-        return Faces(np.zeros((0, 4), np.int32), np.zeros((0, NUM_KEYPOINTS, 2), np.float32))
+        return Faces(np.zeros((0, 4), np.int32), np.zeros((0, NUM_KEYPOINTS, 2), np.float32), np.zeros(0, np.float32))
 
 
 def keypoints_for_boxes(
-    predict_crops, grays: Sequence[np.ndarray], boxes: Sequence[np.ndarray], size: int, margin: float
+    predict_crops, grays: Sequence[np.ndarray], boxes: Sequence[np.ndarray], size: int, margin: float,
+    angles: Sequence[np.ndarray] | None = None,
 ) -> list[np.ndarray]:
-    """Crop every box of every gray image, run ``predict_crops`` once on all crops, map back to pixels.
+    """Crop every box of every gray image (turned by its angle), run ``predict_crops`` once on all crops, map back.
 
     Returns (Ni, 68, 2) float32 keypoints per image (shape (0, 68, 2) where it has no box).
     """
     crops, matrices, owner = [], [], []
     for i, (gray, bxs) in enumerate(zip(grays, boxes)):
-        for box in bxs:
-            crop, m = crop_face(gray, box, size, margin)
+        angs = angles[i] if angles is not None else np.zeros(len(bxs))
+        for box, angle in zip(bxs, angs):
+            crop, m = crop_face(gray, box, size, margin, float(angle))
             crops.append(crop)
             matrices.append(m)
             owner.append(i)
@@ -74,7 +79,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 class Landmarker:
-    """Predict 68 keypoints for every face in images (the bundled model and Haar by default)."""
+    """Predict 68 keypoints for every face in images (the bundled model and the default detector, YuNet)."""
 
     def __init__(
         self,
@@ -83,6 +88,7 @@ class Landmarker:
         device: str | torch.device = "cpu",
         refine: int = 1,
         backend: str = "auto",
+        upright: bool = True,
     ):
         self.device = resolve_device(device)
         if isinstance(model, LoadedModel):
@@ -92,31 +98,40 @@ class Landmarker:
         self.model = model.eval()
         self.size = self.model.config.input_size
         self.margin = self.model.config.crop_margin
-        self.detector = detector if detector is not None else HaarDetector()
+        self.detector = detector if detector is not None else make_detector(DetectorSpec())
         self.refine = refine
+        self.upright = upright
         self.predictor = make_predictor(self.model, self.device, backend)
 
     def predict_crops(self, crops: np.ndarray) -> np.ndarray:
         """(N, S, S) gray crops (uint8 or float in [0, 1]) -> (N, 68, 2) keypoints in [-1, 1]."""
         return self.predictor(crops)
 
-    def keypoints_in_boxes(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Keypoints (Ni, 68, 2) in image pixels for the given boxes of each image, one CNN batch for all."""
+    def keypoints_in_boxes(
+        self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray], angles: Sequence[np.ndarray] | None = None
+    ) -> list[np.ndarray]:
+        """Keypoints (Ni, 68, 2) in image pixels for the given crop boxes (and angles) of each image, one CNN batch for all."""
         grays = [to_gray(np.asarray(im)) for im in images]
         boxes = [np.asarray(b, dtype=np.float64).reshape(-1, 4) for b in boxes]
-        result = self._predict(grays, boxes)
+        result = self._predict(grays, boxes, angles)
         for _ in range(self.refine):
-            result = self._predict(grays, [box_from_keypoints(k) if len(k) else b for k, b in zip(result, boxes)])
+            frames = [face_frame(k, self.upright) if len(k) else (b, np.zeros(len(b))) for k, b in zip(result, boxes)]
+            result = self._predict(grays, [f[0] for f in frames], [f[1] for f in frames])
         return result
 
-    def _predict(self, grays: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray]:
-        return keypoints_for_boxes(self.predict_crops, grays, boxes, self.size, self.margin)
+    def _predict(self, grays: list[np.ndarray], boxes: list[np.ndarray], angles: Sequence[np.ndarray] | None) -> list[np.ndarray]:
+        return keypoints_for_boxes(self.predict_crops, grays, boxes, self.size, self.margin, angles)
+
+    def keypoints_for_detections(self, images: Sequence[np.ndarray], detections: Sequence) -> list[np.ndarray]:
+        """Keypoints for each image's :class:`~fkp_core.detector.Detections`, cropped through the detector's calibration."""
+        regions = [self.detector.calibration.crop_regions(d, self.upright) for d in detections]
+        return self.keypoints_in_boxes(images, [r[0] for r in regions], [r[1] for r in regions])
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Faces]:
         """Detect and landmark every face of each image."""
-        boxes = [self.detector.detect(im) for im in images]
-        keypoints = self.keypoints_in_boxes(images, boxes)
-        return [Faces(b.astype(np.int32).reshape(-1, 4), k) for b, k in zip(boxes, keypoints)]
+        detections = [self.detector.detect(im) for im in images]
+        keypoints = self.keypoints_for_detections(images, detections)
+        return [Faces(np.round(d.boxes).astype(np.int32).reshape(-1, 4), k, d.scores) for d, k in zip(detections, keypoints)]
 
     def __call__(self, image: np.ndarray) -> Faces:
         return self.detect([image])[0]

@@ -32,8 +32,23 @@ class ModelConfig:
     head_hidden: int = 256  # fc: hidden units; heatmap: decoder channels
     heatmap_stride: int = 4  # heatmap: input pixels per heatmap cell
     dropout: float = 0.1
+    # resnet: the plain residual stages above | mobilenet_v2, efficientnet_lite0: ImageNet-pretrainable
+    # backbones (fkp_core.backbones), cut at backbone_stride; widths/depths/stem then unused
+    backbone: str = "resnet"
+    backbone_stride: int = 16
+    upright: bool = False  # trained on crops turned so the eye line is level (transforms.face_frame)
 
     def __post_init__(self) -> None:
+        if self.backbone != "resnet":
+            from fkp_core.backbones import BACKBONES
+
+            if self.backbone not in BACKBONES:
+                raise ValueError(f"backbone must be 'resnet' or one of {sorted(BACKBONES)}, got {self.backbone!r}")
+            if self.backbone_stride not in (8, 16, 32) or self.input_size % self.backbone_stride:
+                raise ValueError("backbone_stride must be 8, 16 or 32 and divide input_size")
+            if self.head != "heatmap" or self.heatmap_stride not in (4, 8, 16) or self.heatmap_stride > self.backbone_stride:
+                raise ValueError("a pretrained backbone needs head='heatmap' with heatmap_stride 4, 8 or 16 (<= backbone_stride)")
+            return
         if len(self.widths) != len(self.depths) or not self.widths:
             raise ValueError("widths and depths must be non-empty and of equal length")
         if self.input_size % (2 ** (len(self.widths) + 1)):
@@ -72,6 +87,12 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     # models, distilled from hm)
     "hm-slim": ModelConfig(stem=24, widths=(24, 48, 96, 192), head="heatmap", head_hidden=48, heatmap_stride=8),
     "hm-thin": ModelConfig(stem=16, widths=(16, 32, 64, 128), head="heatmap", head_hidden=32, heatmap_stride=8),
+    # ImageNet backbones (fkp_core.backbones) cut at stride 16, on upright 112-px crops; x in [0, 1] goes to
+    # the folded gray stem as is (the ImageNet normalisation is inside its weights)
+    "mnv2": ModelConfig(input_size=112, input_mean=0.0, input_std=1.0, head="heatmap", head_hidden=64, heatmap_stride=8,
+                        backbone="mobilenet_v2", backbone_stride=16, upright=True),
+    "lite0": ModelConfig(input_size=112, input_mean=0.0, input_std=1.0, head="heatmap", head_hidden=64, heatmap_stride=8,
+                         backbone="efficientnet_lite0", backbone_stride=16, upright=True),
 }
 
 
@@ -135,6 +156,15 @@ class KeypointNet(nn.Module):
         super().__init__()
         config = config or ModelConfig()
         self.config = config
+        if config.backbone != "resnet":
+            from fkp_core.backbones import BACKBONES
+
+            self.backbone = BACKBONES[config.backbone](gray=True, max_stride=config.backbone_stride)
+            self.head = HeatmapHead(self.backbone.out_channels, self.backbone.out_strides, config.heatmap_stride,
+                                    config.head_hidden, config.input_size)
+            self.register_buffer("_mean", torch.tensor(config.input_mean), persistent=False)
+            self.register_buffer("_std", torch.tensor(config.input_std), persistent=False)
+            return
         self.stem = _conv_bn(1, config.stem, stride=2)
         self.stages = nn.ModuleList()
         channels, strides, stage_channels = config.stem, [], []
@@ -163,6 +193,8 @@ class KeypointNet(nn.Module):
         self.register_buffer("_std", torch.tensor(config.input_std), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.backbone != "resnet":
+            return self.head(self.backbone((x - self._mean) / self._std))
         x = self.stem((x - self._mean) / self._std)
         outs = []
         for stage in self.stages:
@@ -174,8 +206,18 @@ class KeypointNet(nn.Module):
 
     @property
     def first_conv(self) -> nn.Conv2d:
-        """The first convolution, whose filters :mod:`fkp_core.viz` draws."""
+        """The first convolution, whose filters :mod:`fkp_core.viz` draws (input channel 0: the gray image)."""
+        if self.config.backbone != "resnet":
+            return self.backbone.first_conv
         return self.stem[0]
+
+    def load_pretrained(self, path: str | None = None) -> list[str]:
+        """Initialise the backbone from its ImageNet weights (the ``train`` extra); returns the file's unused keys."""
+        if self.config.backbone == "resnet":
+            raise ValueError("the resnet backbone has no pretrained weights")
+        from fkp_core.backbones import load_pretrained
+
+        return load_pretrained(self.backbone, self.config.backbone, path)
 
 
 def build_model(config: ModelConfig | str = "base", **overrides) -> KeypointNet:

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
+from fkp_core.constants import IMAGE_EXTENSIONS
 from fkp_core.filters import apply_filters
 from fkp_core.tables import FaceColumns, columns_from_table
 from fkp_core.video import VideoWriter, probe, read_frames
@@ -45,7 +46,7 @@ def render_annotated(path: str, video_id: str, rows: pa.Table | FaceColumns, out
 
     if info.is_image:
         suffix = Path(path).suffix.lower()
-        suffix = suffix if suffix in (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff") else ".png"
+        suffix = suffix if suffix in IMAGE_EXTENSIONS else ".png"
         target = Path(out_dir) / f"{video_id}{suffix}"
         frame = next(iter(read_frames(path, 0, 1, gray=False)))
         ok, buf = cv2.imencode(suffix, draw(0, np.ascontiguousarray(frame.image)))
@@ -57,7 +58,9 @@ def render_annotated(path: str, video_id: str, rows: pa.Table | FaceColumns, out
         return str(target)
     target = Path(out_dir) / f"{video_id}{RENDER_SUFFIX}"
     rate = info.rate if info.rate else info.fps
-    with VideoWriter(target, rate, info.width, info.height, threads=1) as writer:
-        for frame in read_frames(path, 0, None, gray=False, on_error="skip", threads=1):
+    width, height = info.display_size  # upright, as a player shows the input and as its keypoints are
+    with VideoWriter(target, rate, width, height, threads=1) as writer:
+        for frame in read_frames(path, 0, None, gray=False, upright=True, on_error="skip", threads=1,
+                                 sequential=info.variable_rate):
             writer.write(draw(frame.index, np.ascontiguousarray(frame.image)))
     return str(target)

@@ -62,9 +62,12 @@ VIDEO_SCHEMA = pa.schema(
         pa.field("error", pa.string()),
         pa.field("frames_expected", pa.int64()),
         pa.field("frames_decoded", pa.int64()),
+        pa.field("frames_annotated", pa.int64()),  # all decoded frames, or the sampled ones (--sample-fps)
+        pa.field("sample_fps", pa.float64()),  # null: every frame
         pa.field("fps", pa.float64()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
+        pa.field("rotation", pa.int32()),  # display rotation applied (0/90/180/270): size and keypoints are upright
         pa.field("frames_with_faces", pa.int64()),
         pa.field("faces", pa.int64()),
         pa.field("tracks", pa.int64()),

@@ -36,7 +36,7 @@ import numpy as np
 
 from fkp_core.constants import LEFT_EYE_OUTER, NUM_KEYPOINTS, RIGHT_EYE_OUTER
 from fkp_core.detector import iou
-from fkp_core.transforms import CROP_MARGIN, box_from_keypoints, to_gray
+from fkp_core.transforms import CROP_MARGIN, box_from_keypoints, face_frame, to_gray
 
 # The fast path crops where the training crops were made: around the keypoints' Haar-like box.
 crop_box_from_keypoints = box_from_keypoints
@@ -462,7 +462,7 @@ def _ramp_down(x: float, ok: float, bad: float) -> float:
 
 
 def keypoint_consistency(
-    reference: np.ndarray, keypoints: np.ndarray, config: ConsistencyConfig | None = None
+    reference: np.ndarray, keypoints: np.ndarray, config: ConsistencyConfig | None = None, upright: bool = False
 ) -> float:
     """How believable a face's new (68, 2) keypoints are: 1 good ... 0 lost (the fast path re-detects under 0.5).
 
@@ -492,7 +492,7 @@ def keypoint_consistency(
         return 0.0
     box = ref if ref.shape == (4,) else crop_box_from_keypoints(ref)
     size = float(max(box[2], box[3]))
-    new_box = crop_box_from_keypoints(new)
+    new_box = face_frame(new, upright)[0] if upright else crop_box_from_keypoints(new)  # framed as the reference crop was
     new_size = float(new_box[2])
     if size <= 0 or new_size <= 0:
         return 0.0

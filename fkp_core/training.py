@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -17,7 +17,33 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fkp_core.dataset import Record, read_image
 from fkp_core.metrics import nme
-from fkp_core.transforms import AugmentConfig, Compose, Sample, eval_transform, to_tensors, train_transform
+from fkp_core.transforms import (
+    CROP_MARGIN,
+    AugmentConfig,
+    Compose,
+    FaceCrop,
+    RandomBlur,
+    RandomBrightnessContrast,
+    RandomDownscale,
+    RandomFaceOccluder,
+    RandomHorizontalFlip,
+    RandomJpeg,
+    RandomLowLight,
+    RandomMotionBlur,
+    RandomNoise,
+    RandomOcclusion,
+    RandomRotation,
+    RandomScale,
+    RandomTranslate,
+    Sample,
+    ToFloat,
+    Transform,
+    UprightFaceCrop,
+    Warp,
+    eval_transform,
+    to_tensors,
+    train_transform,
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +65,13 @@ class TrainConfig:
     val_fraction: float = 0.1
     seed: int = 0
     loader_workers: int = 2
+    pretrained: bool = False  # initialise the backbone from its ImageNet weights (the 'train' extra)
+    freeze_stride: int = 0  # keep backbone layers up to this output stride at their initial weights (0: train all)
+    # faces in the wild (probabilities per crop; 0 everywhere: the original recipe, train_transform)
+    occluders: float = 0.0  # an object over the mouth or eyes (RandomFaceOccluder)
+    low_light: float = 0.0  # dim, noisy frame (RandomLowLight)
+    motion_blur: float = 0.0  # directional blur (RandomMotionBlur)
+    jpeg: float = 0.0  # JPEG round trip at quality 10-70 (RandomJpeg)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def to_dict(self) -> dict:
@@ -60,9 +93,11 @@ class KeypointDataset(Dataset):
     loader worker or Ray worker draws it, and a resumed run sees the same stream.
     """
 
-    def __init__(self, records: Sequence[Record], transform: Compose, seed: int = 0, sources: Sequence[str] | None = None):
+    def __init__(self, records: Sequence[Record], transform: Compose, seed: int = 0, sources: Sequence[str] | None = None,
+                 per_source: dict[str, Compose] | None = None):
         self.records = list(records)
         self.transform = transform
+        self.per_source = dict(per_source or {})  # a source's own transform (e.g. with flips), else `transform`
         self.seed = seed
         self.epoch = 0
         self.sources = list(sources) if sources is not None else sorted({r.source for r in self.records})
@@ -77,7 +112,8 @@ class KeypointDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        sample = self.transform(Sample(self._images[i], self.records[i].keypoints.copy()), rng)
+        transform = self.per_source.get(self.records[i].source, self.transform)
+        sample = transform(Sample(self._images[i], self.records[i].keypoints.copy()), rng)
         image, keypoints = to_tensors(sample)
         return image, keypoints, self._source_index[i]
 
@@ -233,11 +269,60 @@ def validation_nme(model: nn.Module, loader: DataLoader, device: torch.device, n
     return out
 
 
+def _wild(cfg: TrainConfig, upright: bool) -> bool:
+    return upright or any((cfg.occluders, cfg.low_light, cfg.motion_blur, cfg.jpeg))
+
+
+def wild_transform(size: int, cfg: TrainConfig, margin: float = CROP_MARGIN, upright: bool = False, flip: float = 0.0) -> Compose:
+    """Training crops for faces in the wild: :func:`~fkp_core.transforms.train_transform`'s steps plus
+    occluders over the eyes and mouth, low light, motion blur and JPEG artefacts, on upright crops
+    (roll jitter of ``cfg.augment.rotation`` degrees) when ``upright``; ``flip`` is this source's flip
+    probability (mirror-symmetric labels only). Occluders go on before the photometric steps, so that
+    they are blurred, darkened and compressed with the face.
+    """
+    aug = cfg.augment
+    steps: list[Transform] = []
+    if upright:
+        steps.append(UprightFaceCrop(size, margin, aug.box_jitter_scale, aug.box_jitter_shift, aug.rotation))
+    else:
+        steps += [FaceCrop(size, margin, aug.box_jitter_scale, aug.box_jitter_shift), RandomRotation(aug.rotation, p=0.8)]
+    steps += [RandomScale(*aug.scale), RandomTranslate(aug.translate), RandomHorizontalFlip(flip), Warp()]
+    if aug.occlusion > 0:
+        steps.append(RandomOcclusion(p=aug.occlusion))
+    if cfg.occluders > 0:
+        steps.append(RandomFaceOccluder(p=cfg.occluders))
+    if aug.photometric:
+        steps += [RandomBrightnessContrast(), RandomLowLight(p=cfg.low_light), RandomDownscale(), RandomBlur(),
+                  RandomMotionBlur(p=cfg.motion_blur), RandomNoise(), RandomJpeg(p=cfg.jpeg)]
+    steps.append(ToFloat())
+    return Compose(steps)
+
+
+def upright_eval_transform(size: int, margin: float = CROP_MARGIN) -> Compose:
+    """The inference view of an upright model: the level crop of the keypoints' face frame, nothing random."""
+    return Compose([UprightFaceCrop(size, margin), Warp(), ToFloat()])
+
+
 def make_datasets(
-    train_records: Sequence[Record], val_records: Sequence[Record], cfg: TrainConfig, input_size: int, margin: float
+    train_records: Sequence[Record], val_records: Sequence[Record], cfg: TrainConfig, input_size: int, margin: float,
+    upright: bool = False, mirror_sources: Sequence[str] = (),
 ) -> tuple[KeypointDataset, KeypointDataset]:
-    """Training set (augmented crops) and validation set (inference crops of keypoint boxes)."""
+    """Training set (augmented crops) and validation set (inference crops of keypoint boxes).
+
+    Horizontal flips (``cfg.augment.flip``) apply to the ``mirror_sources`` only: sources whose
+    labels are mirror-symmetric under the iBUG permutation (300-W); the course labels are not, and
+    their crops are never flipped.
+    """
     names = sorted({r.source for r in [*train_records, *val_records]})
-    train = KeypointDataset(train_records, train_transform(input_size, cfg.augment, margin), cfg.seed, names)
-    val = KeypointDataset(val_records, eval_transform(input_size, margin), cfg.seed, names)
+    if _wild(cfg, upright):
+        base = wild_transform(input_size, cfg, margin, upright, flip=0.0)
+        flipped = wild_transform(input_size, cfg, margin, upright, flip=cfg.augment.flip)
+        val_tf = upright_eval_transform(input_size, margin) if upright else eval_transform(input_size, margin)
+    else:
+        base = train_transform(input_size, replace(cfg.augment, flip=0.0), margin)
+        flipped = train_transform(input_size, cfg.augment, margin)
+        val_tf = eval_transform(input_size, margin)
+    per_source = {name: flipped for name in mirror_sources} if cfg.augment.flip > 0 else {}
+    train = KeypointDataset(train_records, base, cfg.seed, names, per_source)
+    val = KeypointDataset(val_records, val_tf, cfg.seed, names)
     return train, val

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import torch
 
-from fkp_core.constants import FLIP_PERMUTATION
+from fkp_core.constants import FLIP_PERMUTATION, LEFT_EYE, RIGHT_EYE
 
 # A face box's square crop side is (1 + 2 * CROP_MARGIN) times the box side.
 CROP_MARGIN = 0.2
@@ -58,17 +58,59 @@ def box_from_keypoints(keypoints: np.ndarray) -> np.ndarray:
     return np.stack([cx - side / 2, cy - side / 2, side, side], axis=-1)
 
 
-def crop_matrix(box: Box, size: int, margin: float = CROP_MARGIN) -> np.ndarray:
-    """3x3 affine mapping image pixels to the ``size`` x ``size`` model crop of a face box."""
+def eye_angle(keypoints: np.ndarray) -> np.ndarray:
+    """In-plane angle (radians, image axes: y down) of the line from the right eye's centre to the left's, (...).
+
+    0 for an upright face; the angle an upright crop is rotated by so that the eyes come out level.
+    """
+    kp = np.asarray(keypoints, dtype=np.float64)
+    d = kp[..., LEFT_EYE, :].mean(axis=-2) - kp[..., RIGHT_EYE, :].mean(axis=-2)
+    return np.arctan2(d[..., 1], d[..., 0])
+
+
+def _rotate(points: np.ndarray, angle: np.ndarray) -> np.ndarray:
+    """Rotate (..., K, 2) points by (...) angles about the origin."""
+    c, s = np.cos(angle)[..., None], np.sin(angle)[..., None]
+    x, y = points[..., 0], points[..., 1]
+    return np.stack([c * x - s * y, s * x + c * y], axis=-1)
+
+
+def face_frame(keypoints: np.ndarray, upright: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The crop region of a face from its keypoints: boxes (..., 4) and angles (...) for :func:`crop_matrix`.
+
+    With ``upright`` the box is :func:`box_from_keypoints` taken in the face's own frame (eyes level)
+    and the angle is :func:`eye_angle`, so the crop shows the face upright whatever its roll; without,
+    the angle is 0 and the box is exactly :func:`box_from_keypoints`. Training crops, refine passes and
+    tracked crops all come from here.
+    """
+    kp = np.asarray(keypoints, dtype=np.float64)
+    if not upright:
+        return box_from_keypoints(kp), np.zeros(kp.shape[:-2])
+    angle = eye_angle(kp)
+    origin = kp.mean(axis=-2, keepdims=True)
+    level = _rotate(kp - origin, -angle)
+    box = box_from_keypoints(level)
+    centre = _rotate((box[..., None, :2] + box[..., None, 2:] / 2), angle)[..., 0, :] + origin[..., 0, :]
+    return np.concatenate([centre - box[..., 2:] / 2, box[..., 2:]], axis=-1), angle
+
+
+def crop_matrix(box: Box, size: int, margin: float = CROP_MARGIN, angle: float = 0.0) -> np.ndarray:
+    """3x3 affine mapping image pixels to the ``size`` x ``size`` model crop of a face box.
+
+    ``angle`` (radians) turns the crop about the box centre so that a line at that angle in the
+    image comes out horizontal (see :func:`face_frame`).
+    """
     x, y, w, h = (float(v) for v in box)
     side = max(w, h) * (1.0 + 2.0 * margin)
     if not side > 0:
         raise ValueError(f"face box must have a positive size, got {tuple(box)}")
     s = size / side
-    x0 = x + w / 2 - side / 2
-    y0 = y + h / 2 - side / 2
-    # the square [x0, x0 + side] maps onto the crop's outer edges [-0.5, size - 0.5]
-    return np.array([[s, 0, -x0 * s - 0.5], [0, s, -y0 * s - 0.5], [0, 0, 1]])
+    c, si = math.cos(angle) * s, math.sin(angle) * s
+    cx, cy = x + w / 2, y + h / 2
+    # the box centre maps onto the crop centre, the square of side `side` onto the crop's outer edges
+    # [-0.5, size - 0.5], rotated by -angle
+    t = size / 2 - 0.5
+    return np.array([[c, si, t - c * cx - si * cy], [-si, c, t + si * cx - c * cy], [0, 0, 1]])
 
 
 def apply_matrix(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -78,9 +120,11 @@ def apply_matrix(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return (pts @ m[:2, :2].T + m[:2, 2]).astype(np.float32)
 
 
-def crop_face(image: np.ndarray, box: Box, size: int, margin: float = CROP_MARGIN) -> tuple[np.ndarray, np.ndarray]:
+def crop_face(
+    image: np.ndarray, box: Box, size: int, margin: float = CROP_MARGIN, angle: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """The model's view of one face: (size x size crop, 3x3 matrix image -> crop)."""
-    m = crop_matrix(box, size, margin)
+    m = crop_matrix(box, size, margin, angle)
     crop = cv2.warpAffine(image, m[:2], (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return crop, m
 
@@ -511,3 +555,155 @@ def eval_transform(size: int, margin: float = CROP_MARGIN) -> Compose:
 def seed_transform(rescale: int = 250, crop: int = 224) -> Compose:
     """The course notebooks' pipeline: Rescale(250), RandomCrop(224), gray [0, 1]."""
     return Compose([Rescale(rescale), RandomCrop(crop), Warp(), ToFloat()])
+
+
+# --------------------------------------------------------------------------------------------
+# Faces in the wild: upright crops, occluders over the eyes and mouth, low light, codec artefacts
+# --------------------------------------------------------------------------------------------
+
+
+class UprightFaceCrop:
+    """The upright face crop (:func:`face_frame`: eyes level), with the spread of inference crops.
+
+    At inference the first pass levels the crop by the detector's eye points and refine passes by
+    the predicted keypoints, so the crop's roll is off by the error of those points:
+    ``jitter_degrees`` (uniform) models it, ``jitter_scale``/``jitter_shift`` the box's spread as in
+    :class:`FaceCrop`.
+    """
+
+    def __init__(self, size: int, margin: float = CROP_MARGIN, jitter_scale: float = 0.0, jitter_shift: float = 0.0,
+                 jitter_degrees: float = 0.0):
+        self.size, self.margin = size, margin
+        self.jitter_scale, self.jitter_shift, self.jitter_degrees = jitter_scale, jitter_shift, jitter_degrees
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        if sample.pending:
+            sample = materialize(sample)
+        box, angle = face_frame(sample.keypoints, upright=True)
+        box, angle = np.asarray(box, dtype=np.float64), float(angle)
+        if rng is not None and (self.jitter_scale or self.jitter_shift or self.jitter_degrees):
+            x, y, w, h = box
+            s = math.exp(rng.uniform(-self.jitter_scale, self.jitter_scale))
+            dx, dy = rng.uniform(-self.jitter_shift, self.jitter_shift, size=2) * max(w, h)
+            cx, cy = x + w / 2 + dx, y + h / 2 + dy
+            box = np.array([cx - w * s / 2, cy - h * s / 2, w * s, h * s])
+            angle += math.radians(rng.uniform(-self.jitter_degrees, self.jitter_degrees))
+        return sample.then(crop_matrix(box, self.size, self.margin, angle), (self.size, self.size))
+
+
+def _region_ellipse(points: np.ndarray, grow: float) -> tuple[tuple[float, float], tuple[float, float]]:
+    lo, hi = points.min(0), points.max(0)
+    centre = (lo + hi) / 2
+    half = np.maximum((hi - lo) / 2 * grow, 2.0)
+    return (float(centre[0]), float(centre[1])), (float(half[0]), float(half[1]))
+
+
+class RandomFaceOccluder:
+    """Cover the mouth, one or both eyes (or the lower face) with an object: hands, cups, phones, glasses, hair.
+
+    Placed from the keypoints of the warped sample (the labels stay where the hidden points are),
+    shaped as a rectangle, an ellipse or a hand-like blob (a palm with finger bars), filled flat,
+    with a texture of noise, or with a gradient, so the network learns to infer hidden points from
+    the rest of the face instead of following the occluder's edges.
+    """
+
+    REGIONS = {"mouth": list(range(48, 68)), "right_eye": list(range(36, 42)), "left_eye": list(range(42, 48)),
+               "eyes": list(range(36, 48)), "lower": list(range(3, 14)) + list(range(48, 68))}
+
+    def __init__(self, p: float = 0.3):
+        self.p = p
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.p:
+            return sample
+        sample = materialize(sample)
+        img = _as_float(sample.image).copy()
+        h, w = img.shape[:2]
+        region = ["mouth", "mouth", "right_eye", "left_eye", "eyes", "lower"][int(rng.integers(0, 6))]
+        (cx, cy), (ax, ay) = _region_ellipse(sample.keypoints[self.REGIONS[region]], rng.uniform(1.0, 1.8))
+        cx += rng.normal(0, 0.25) * ax
+        cy += rng.normal(0, 0.25) * ay
+        mask = np.zeros((h, w), np.uint8)
+        shape = int(rng.integers(0, 3))
+        if shape == 0:
+            cv2.rectangle(mask, (int(cx - ax), int(cy - ay)), (int(cx + ax), int(cy + ay)), 255, -1)
+        elif shape == 1:
+            cv2.ellipse(mask, (int(cx), int(cy)), (int(ax), int(ay)), float(rng.uniform(-30, 30)), 0, 360, 255, -1)
+        else:  # a hand: palm ellipse and four finger bars reaching across the region
+            cv2.ellipse(mask, (int(cx), int(cy + ay * 0.4)), (int(ax * 0.8), int(ay * 0.9)), 0, 0, 360, 255, -1)
+            tilt = rng.uniform(-0.6, 0.6)
+            for k in range(4):
+                fx = cx - ax * 0.75 + k * ax * 0.5
+                top = (int(fx + tilt * ay * 1.6), int(cy - ay * 1.6))
+                cv2.line(mask, (int(fx), int(cy + ay * 0.4)), top, 255, max(2, int(ax * 0.35)))
+        fill = int(rng.integers(0, 3))
+        level = rng.uniform(0.05, 0.95)
+        if fill == 0:
+            patch = np.full((h, w), level, np.float32)
+        elif fill == 1:
+            patch = cv2.GaussianBlur(rng.uniform(0, 1, size=(h, w)).astype(np.float32), (0, 0), rng.uniform(0.5, 3.0))
+            patch = np.clip(level + (patch - 0.5) * rng.uniform(0.2, 1.0), 0, 1)
+        else:
+            ramp = np.linspace(-0.5, 0.5, w, dtype=np.float32)[None, :] * np.ones((h, 1), np.float32)
+            patch = np.clip(level + ramp * rng.uniform(-0.6, 0.6), 0, 1)
+        soft = cv2.GaussianBlur(mask.astype(np.float32) / 255.0, (0, 0), rng.uniform(0.3, 1.5))
+        if img.ndim == 3:
+            soft, patch = soft[..., None], patch[..., None]
+        return _with_image(sample, (img * (1 - soft) + patch * soft).astype(np.float32))
+
+
+class RandomLowLight:
+    """Dim, contrast-poor frames: darken (gain, gamma > 1), then sensor noise that grows as light falls, then 8-bit levels."""
+
+    def __init__(self, p: float = 0.2, min_gain: float = 0.15, max_gamma: float = 2.0, max_noise: float = 0.05):
+        self.p, self.min_gain, self.max_gamma, self.max_noise = p, min_gain, max_gamma, max_noise
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.p:
+            return sample
+        img = _as_float(materialize(sample).image)
+        gain = math.exp(rng.uniform(math.log(self.min_gain), 0.0))
+        img = np.power(np.clip(img, 0, 1), rng.uniform(1.0, self.max_gamma)) * gain
+        sigma = rng.uniform(0.0, self.max_noise) * (1.0 - 0.5 * gain)
+        img = img + rng.normal(0.0, sigma, size=img.shape).astype(np.float32)
+        img = np.round(np.clip(img, 0, 1) * 255) / 255
+        return _with_image(sample, img.astype(np.float32))
+
+
+class RandomMotionBlur:
+    """Blur along a random direction (moving heads, long exposures)."""
+
+    def __init__(self, max_length: int = 7, p: float = 0.15):
+        self.max_length, self.p = max_length, p
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.p:
+            return sample
+        img = _as_float(materialize(sample).image)
+        n = int(rng.integers(3, self.max_length + 1))
+        kernel = np.zeros((n, n), np.float32)
+        kernel[n // 2, :] = 1.0
+        rot = cv2.getRotationMatrix2D(((n - 1) / 2, (n - 1) / 2), float(rng.uniform(0, 180)), 1.0)
+        kernel = cv2.warpAffine(kernel, rot, (n, n))
+        kernel /= max(float(kernel.sum()), 1e-6)
+        return _with_image(sample, cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REPLICATE))
+
+
+class RandomJpeg:
+    """JPEG round trip at a random quality: the blocking and ringing of compressed video and photos."""
+
+    def __init__(self, quality: tuple[int, int] = (10, 70), p: float = 0.3):
+        self.quality, self.p = quality, p
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.p:
+            return sample
+        sample = materialize(sample)
+        img = sample.image
+        u8 = img if img.dtype == np.uint8 else (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+        q = int(rng.integers(self.quality[0], self.quality[1] + 1))
+        ok, buf = cv2.imencode(".jpg", u8, [cv2.IMWRITE_JPEG_QUALITY, q])
+        if not ok:
+            return sample
+        flag = cv2.IMREAD_UNCHANGED
+        return _with_image(sample, _as_float(cv2.imdecode(buf, flag)))

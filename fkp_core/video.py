@@ -20,7 +20,10 @@ tasks, so two promises matter more than speed:
 Streams without timestamps (raw ``.h264``) are decoded from the beginning with a counter. Variable
 frame rate video is mapped onto the nominal rate's grid: a frame whose index is already taken is
 dropped and an index no frame maps to is skipped; both are counted in ``DecodeStats`` (for
-phone-style jitter, under half a frame, rounding absorbs it and nothing is dropped).
+phone-style jitter, under half a frame, rounding absorbs it and nothing is dropped). ``probe`` says when
+that happens (``VideoInfo.variable_rate``: timestamps off the grid, a screen recording), and
+``read_frames(sequential=True)`` then numbers every frame in decoding order instead (one decode from the
+start: no seeking, so no parallel segments for such video).
 
 Frames are returned as stored: ``VideoInfo.rotation`` reports the display rotation (phones store
 portrait video as landscape plus a rotation) and ``read_frames(upright=True)`` applies it, for
@@ -35,6 +38,7 @@ works as on a local file), which lets cluster workers read the videos from an ob
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import glob
 import hashlib
@@ -56,10 +60,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from fkp_core.constants import IMAGE_EXTENSIONS
+
 VIDEO_EXTENSIONS: tuple[str, ...] = (
     ".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts",
 )
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MEDIA_EXTENSIONS: tuple[str, ...] = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
 
 # Seek retries: how far before the target (seconds) to seek when a seek lands past it.
@@ -117,6 +122,9 @@ class VideoInfo:
     rate: Fraction | None = None  # the exact frame rate (e.g. 30000/1001); None for images
     pix_fmt: str = ""
     container: str = ""
+    # frame timestamps off the nominal rate's grid (screen recordings): index such video with
+    # read_frames(sequential=True), which numbers frames in decoding order (one segment, no seeking)
+    variable_rate: bool = False
 
     @property
     def display_size(self) -> tuple[int, int]:
@@ -241,6 +249,13 @@ def _check_readable(path: str | os.PathLike) -> Path | RemoteFile:
         return _check_remote(RemoteFile(str(path)))
     p = Path(path)
     if not p.exists():
+        if p.is_symlink():
+            try:
+                os.stat(p)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise VideoError(p, "symbolic link loop (the link leads back to itself)") from None
+            raise VideoError(p, f"broken symbolic link (its target {os.readlink(p)} does not exist)")
         raise VideoError(p, "file not found")
     if p.is_dir():
         raise VideoError(p, "is a directory, not a video")
@@ -351,11 +366,45 @@ def probe(path: str | os.PathLike, count_frames: bool = False) -> VideoInfo:
         if not duration and frames:
             duration = frames / float(rate)
         cc = stream.codec_context
+        variable, counted = _off_grid(p, rate)
+        if variable and counted:
+            frames, exact = counted, True
         return VideoInfo(
             path=str(p), frames=frames, fps=float(rate), width=first.width, height=first.height,
             duration_s=duration, codec=cc.name, rotation=_rotation(stream, first),
             frames_exact=exact, rate=rate, pix_fmt=first.format.name, container=container.format.name,
+            variable_rate=variable,
         )
+
+
+# packets whose timestamps _off_grid reads (demuxing only): ~14 minutes at 60 fps
+VFR_SCAN_PACKETS = 50_000
+
+
+def _off_grid(p: Path, rate: Fraction) -> tuple[bool, int]:
+    """(whether frame timestamps leave the nominal rate's grid, packets seen) over the first VFR_SCAN_PACKETS.
+
+    Off the grid, two frames can round to one index and an index can have no frame; ``read_frames``
+    would then drop the one and skip the other, so such video is numbered by decoding order instead.
+    Jitter under half a frame (phones) rounds away and keeps the video on the grid.
+    """
+    try:
+        with _open(p) as container:
+            stream = _video_stream(p, container)
+            tb = Fraction(stream.time_base) if stream.time_base else None
+            pts = []
+            for pkt in container.demux(stream):
+                if pkt.size and not pkt.is_discard:
+                    pts.append(pkt.pts)
+                    if len(pts) >= VFR_SCAN_PACKETS:
+                        break
+    except (av.error.FFmpegError, VideoError, OSError):
+        return False, 0
+    if tb is None or not pts or any(t is None for t in pts):
+        return False, len(pts)
+    pts.sort()
+    grid = _Grid(pts[0], tb, rate)
+    return any(grid.index(t) != i for i, t in enumerate(pts)), len(pts)
 
 
 def _count_packets(p: Path) -> int:
@@ -438,6 +487,7 @@ def read_frames(
     on_error: Literal["raise", "skip"] = "raise",
     stats: DecodeStats | None = None,
     threads: int = 0,
+    sequential: bool = False,
 ) -> Iterator[DecodedFrame]:
     """Yield exactly the frames with index in ``[start, end)`` (``end=None``: to the end), in order.
 
@@ -451,6 +501,11 @@ def read_frames(
     the errors in ``stats``. A truncated file usually ends without any error: compare
     ``stats.decoded`` with ``stats.expected(probe(path).frames)``. ``threads=0`` lets FFmpeg pick
     (one per core); give the task's CPU count when many decoders share a machine.
+
+    ``sequential=True`` numbers frames by their position in a decode from the start of the file
+    (decoding order, whatever their timestamps; timestamps still give each frame's time) and so
+    decodes from the start, never seeking: for ``VideoInfo.variable_rate`` video, whose timestamps
+    do not sit on the nominal rate's grid.
     """
     if start < 0 or (end is not None and end < start):
         raise ValueError(f"bad frame range [{start}, {end})")
@@ -465,7 +520,7 @@ def read_frames(
     if _is_image_container(container):
         container.close()
         return _read_image(p, start, end, gray, st)
-    return _read_video(p, container, start, end, gray, upright, on_error, st, threads)
+    return _read_video(p, container, start, end, gray, upright, on_error, st, threads, sequential)
 
 
 def _read_image(p: Path, start: int, end: int | None, gray: bool, st: DecodeStats) -> Iterator[DecodedFrame]:
@@ -480,7 +535,7 @@ def _read_image(p: Path, start: int, end: int | None, gray: bool, st: DecodeStat
 
 
 def _read_video(p: Path, container: av.container.InputContainer, start: int, end: int | None, gray: bool,
-                upright: bool, on_error: str, st: DecodeStats, threads: int) -> Iterator[DecodedFrame]:
+                upright: bool, on_error: str, st: DecodeStats, threads: int, sequential: bool = False) -> Iterator[DecodedFrame]:
     try:
         stream = _video_stream(p, container)
         _set_threads(stream, threads)
@@ -503,10 +558,11 @@ def _read_video(p: Path, container: av.container.InputContainer, start: int, end
                 st.eof = True
                 return
             rotation = _rotation(stream, first) if upright else 0
-            if first.pts is None or tb is None:  # no timestamps: count from the start
+            if sequential or first.pts is None or tb is None:  # asked for, or no timestamps: count from the start
                 st.sequential = True
                 _keep_errors(st, errors)
-                yield from _emit_counted(first, source, start, end, gray, rotation, rate, st)
+                clock = (first.pts, tb) if first.pts is not None and tb is not None else None
+                yield from _emit_counted(first, source, start, end, gray, rotation, rate, st, clock)
                 return
             grid = _Grid(first.pts, tb, rate)
             if start / rate < _NO_SEEK_BELOW_S:
@@ -638,14 +694,20 @@ def _emit(first: av.VideoFrame, source: Iterator[av.VideoFrame], grid: _Grid, st
 
 
 def _emit_counted(first: av.VideoFrame, source: Iterator[av.VideoFrame], start: int, end: int | None,
-                  gray: bool, rotation: int, rate: Fraction, st: DecodeStats) -> Iterator[DecodedFrame]:
+                  gray: bool, rotation: int, rate: Fraction, st: DecodeStats,
+                  clock: tuple[int, Fraction] | None = None) -> Iterator[DecodedFrame]:
+    """Frames numbered by a counter; ``clock`` (first pts, time base): their time from their timestamps."""
     for idx, frame in enumerate(_chain(first, source)):
         if idx < start:
             continue
         if end is not None and idx >= end:
             return
         _deliver(st, idx)
-        yield DecodedFrame(idx, idx / float(rate), _to_array(frame, gray, rotation))
+        if clock is not None and frame.pts is not None:
+            ts = float((frame.pts - clock[0]) * clock[1])
+        else:
+            ts = idx / float(rate)
+        yield DecodedFrame(idx, ts, _to_array(frame, gray, rotation))
     st.eof = True
 
 
@@ -829,17 +891,24 @@ def _is_media(p: Path) -> bool:
     return p.suffix.lower() in MEDIA_EXTENSIONS and not p.name.startswith(".")
 
 
-def _walk(root: Path) -> Iterable[Path]:
-    """Media files under ``root``, skipping hidden files and folders (temporary outputs, ._ files)."""
+def _walk(root: Path, notes: list[str] | None = None) -> Iterable[Path]:
+    """Media files under ``root``, skipping hidden files and folders (temporary outputs, ._ files).
+
+    A link with a media name that leads nowhere (broken, or a loop) is yielded too, so that it is reported
+    as a failed input rather than missed in silence; a folder with a media name is searched, and noted.
+    """
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in dirs:
+            if notes is not None and _is_media(Path(name)):
+                notes.append(f"{Path(folder) / name} is a folder, not a video: searched it for videos")
         for name in files:
             p = Path(folder) / name
-            if _is_media(p) and p.is_file():
+            if _is_media(p) and (p.is_file() or (p.is_symlink() and not p.exists())):
                 yield p
 
 
-def find_media(inputs: Iterable[str | os.PathLike]) -> list[Path | str]:
+def find_media(inputs: Iterable[str | os.PathLike], notes: list[str] | None = None) -> list[Path | str]:
     """The media files named by ``inputs`` (files, folders, glob patterns, URIs): unique, sorted.
 
     Local files come back as resolved ``Path``s, files named by URI as URI strings. A name typed
@@ -847,6 +916,7 @@ def find_media(inputs: Iterable[str | os.PathLike]) -> list[Path | str]:
     a video); a file *found* in a folder or by a glob must have a video or image extension (any
     case) and not be hidden. A missing plain input raises FileNotFoundError (an unusable URI:
     ValueError); a folder or pattern matching nothing contributes nothing (the caller decides).
+    ``notes`` (a list) receives what a user should hear about, such as a folder named like a video.
     """
     found: set[Path | str] = set()
     for item in inputs:
@@ -858,18 +928,25 @@ def find_media(inputs: Iterable[str | os.PathLike]) -> list[Path | str]:
             for match in glob.glob(os.path.expanduser(text), recursive=True):
                 m = Path(match)
                 if m.is_dir():
-                    found.update(q.resolve() for q in _walk(m))
+                    found.update(_resolved(q) for q in _walk(m, notes))
                 elif _is_media(m) and m.is_file():
                     found.add(m.resolve())
             continue
         p = Path(text).expanduser()
         if p.is_dir():
-            found.update(q.resolve() for q in _walk(p))
-        elif p.exists():
-            found.add(p.resolve())
+            if notes is not None and _is_media(p):
+                notes.append(f"{text} is a folder, not a video: searched it for videos")
+            found.update(_resolved(q) for q in _walk(p, notes))
+        elif p.exists() or p.is_symlink():  # a broken link or a loop: a failed input with its reason
+            found.add(_resolved(p))
         else:
             raise FileNotFoundError(f"input not found: {text}")
     return sorted(found, key=str)
+
+
+def _resolved(p: Path) -> Path:
+    """The absolute path with links followed; a link that leads nowhere stays as the link itself."""
+    return p.resolve() if p.exists() else Path(os.path.abspath(p))
 
 
 def _find_remote(uri: str) -> list[str]:
@@ -913,6 +990,6 @@ def video_id(path: str | os.PathLike) -> str:
     The stem keeps ids readable; the hash keeps two ``clip.mp4`` in different folders apart. A
     URI is hashed as written.
     """
-    p = RemoteFile(path) if is_uri(path) else Path(path).expanduser().resolve()
+    p = RemoteFile(path) if is_uri(path) else _resolved(Path(path).expanduser())
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", p.stem).strip("._-")[:64] or "video"
     return f"{stem}-{hashlib.sha1(str(p).encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"

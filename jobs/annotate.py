@@ -29,15 +29,31 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from jobs.annotate_support import (
+    Progress,
+    check_resources,
+    not_outputs,
+    progress_key,
+    remove_if_empty,
+    source_identity,
+)
 from jobs.common import (
     EXIT_FAILED,
     EXIT_OK,
     Parser,
+    OutputLock,
     UsageError,
     add_common_flags,
+    add_detector_flags,
     cluster_node_count,
+    detector_spec,
+    check_model_arg,
+    check_writable_dir,
     init_ray,
     load_model_arg,
+    non_negative_int,
+    positive_float,
+    positive_int,
     run_main,
     use_gpus,
 )
@@ -46,8 +62,8 @@ log = logging.getLogger("fkp.annotate")
 
 MAX_SEGMENT_FRAMES = 1800  # the automatic segment size: a minute at 30 fps at most (what a retry redoes) ...
 MIN_SEGMENT_FRAMES = 150  # ... and not so short that seeking and start-up dominate
-CASCADE_WINDOW = 24  # pixels: the frontal Haar cascade's detection window
 ACTOR_NAMESPACE = "fkp"  # model actors are named fkp-model-<run>-<i> here (ray list actors, ray.get_actor)
+PROGRESS_EVERY = 10  # frames between a segment's progress reports
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m jobs.annotate", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="video/image files, directories (searched recursively) or glob patterns; local paths or "
-                        "pyarrow filesystem URIs (s3://bucket/videos/, gs://..., file:///...)")
-    p.add_argument("--out", required=True, help="output folder (local path or pyarrow filesystem URI such as s3://bucket/run)")
+                        "pyarrow filesystem URIs (s3://bucket/videos/, gs://..., file:///...); files under --out and "
+                        "--render are never inputs")
+    p.add_argument("--out", required=True, help="output folder (local path or pyarrow filesystem URI such as s3://bucket/run); "
+                   "one run at a time: a second run on the same folder is refused while the first is alive")
     p.add_argument("--render", metavar="DIR", default=None, help="also write one annotated video (or image) per input to DIR")
     p.add_argument("--filter", default="keypoints", metavar="NAMES",
                    help=f"comma-separated overlays for --render, applied in order: {', '.join(sorted(FILTERS))}")
@@ -66,28 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "9-11%% higher NME: README, Accuracy); default: default")
     p.add_argument("--overwrite", action="store_true", help="redo videos that are already finished in --out")
     g = p.add_argument_group("speed and accuracy")
-    g.add_argument("--segment-frames", type=int, default=None,
+    g.add_argument("--segment-frames", type=positive_int, default=None,
                    help=f"frames per work unit, so a long video spreads over ceil(frames / this) tasks (default: equal segments "
                         f"of at most {MAX_SEGMENT_FRAMES} frames in whole rounds over the cluster's segment slots, at least {MIN_SEGMENT_FRAMES})")
-    g.add_argument("--detect-every", type=int, default=1, metavar="K",
+    g.add_argument("--sample-fps", type=positive_float, default=None, metavar="F",
+                   help="annotate about F frames per second: the first frame at or after every 1/F s of presentation time, "
+                        "with its true frame index and timestamp; tracking and smoothing run over the sampled frames "
+                        "(default: every frame)")
+    g.add_argument("--detect-every", type=positive_int, default=1, metavar="K",
                    help="run the face detector every K frames and track faces from their keypoints in between (fast path); 1 = detect on every frame")
-    g.add_argument("--min-face", type=int, default=64,
-                   help="smallest face to detect, in pixels of the full frame (lower it for crowds and small faces: detection gets slower)")
-    g.add_argument("--detect-scale", type=float, default=None,
-                   help=f"detect on the frame scaled by this factor (default: {CASCADE_WINDOW} / --min-face, capped at 1, which "
-                        "shrinks the smallest face to the cascade's window: the fastest scale that still sees it)")
-    g.add_argument("--scale-factor", type=float, default=1.2,
-                   help="Haar image-pyramid step: larger is faster and finds fewer faces (OpenCV's default 1.1: ~1.7x slower)")
-    g.add_argument("--detector", default="fast", choices=["fast", "recall"], help="Haar preset: fast = frontal cascade; recall = frontal + profile cascades, more faces, ~3x slower")
-    g.add_argument("--refine", type=int, default=1, help="extra CNN passes re-cropped around the prediction on detection frames")
+    add_detector_flags(g)
+    g.add_argument("--refine", type=non_negative_int, default=1, help="extra CNN passes re-cropped around the prediction on detection frames")
     g.add_argument("--no-smooth", action="store_true", help="do not smooth keypoints over time (the raw CNN output is kept in keypoints_raw either way)")
     g = p.add_argument_group("resources")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the CNN runs; auto: on GPU model actors when the cluster has GPUs")
-    g.add_argument("--model-actors", type=int, default=None,
+    g.add_argument("--model-actors", type=non_negative_int, default=None,
                    help="model actors that batch face crops across segments (default: one per GPU on GPU clusters, 0 on CPU = the CNN runs inside each segment task)")
-    g.add_argument("--cpus-per-segment", type=float, default=1.0, help="CPUs reserved per segment task")
-    g.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance when no RAY_ADDRESS is set (default: all)")
-    g.add_argument("--max-retries", type=int, default=3, help="times Ray re-runs a segment whose worker died")
+    g.add_argument("--cpus-per-segment", type=positive_float, default=1.0, help="CPUs reserved per segment task")
+    g.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs of the local Ray instance when no RAY_ADDRESS is set (default: all)")
+    g.add_argument("--max-retries", type=non_negative_int, default=3, help="times Ray re-runs a segment whose worker died")
     add_common_flags(p)
     return p
 
@@ -103,12 +118,13 @@ class Settings:
     model: str
     model_name: str
     device: str  # cpu | cuda (for actors); segment tasks run the CNN on CPU unless actors are used
-    haar: Any
+    detector: Any  # fkp_core.detector.DetectorSpec
     annotate: Any
     smooth: bool
     render: str | None
     filters: tuple[str, ...]
     segment_frames: int | None
+    sample_fps: float | None = None  # annotate only frames sampled at this rate (fkp_core.sampling)
 
 
 @dataclass
@@ -118,6 +134,8 @@ class VideoPlan:
     info: dict | None = None
     error: str | None = None
     segments: list[tuple[int, int | None]] = field(default_factory=list)
+    source: dict | None = None  # the input file's size and modification time (a replaced file is redone)
+    changed: bool = False  # finished in OUT before, but the file at its path has changed since
 
 
 def segment_name(start: int, end: int | None) -> str:
@@ -162,12 +180,14 @@ def _local_landmarker(model: str, device: str):
     if key not in _PREDICTORS:
         import torch
 
-        from fkp_core.detector import NO_BOXES
+        from fkp_core.detector import HAAR_CALIBRATION, Detections
         from fkp_core.landmarks import Landmarker
 
-        class _NoDetector:
+        class _NoDetector:  # the segment task detects; this process only runs the network
+            calibration = HAAR_CALIBRATION
+
             def detect(self, image):
-                return NO_BOXES.copy()
+                return Detections.empty()
 
         torch.set_num_threads(1)
         _PREDICTORS[key] = Landmarker(model, detector=_NoDetector(), device=device)
@@ -240,21 +260,27 @@ def probe_video(path: str) -> dict:
         return {"error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - any unreadable input is a failed item, not a crash
         return {"error": f"{path}: {type(exc).__name__}: {exc}"}
-    return {"info": {"frames": int(info.frames), "fps": float(info.fps), "width": int(info.width), "height": int(info.height),
-                     "exact": bool(getattr(info, "frames_exact", True))}}
+    width, height = info.display_size  # frames are annotated as a player shows them (phones store portrait rotated)
+    return {"info": {"frames": int(info.frames), "fps": float(info.fps), "width": int(width), "height": int(height),
+                     "exact": bool(getattr(info, "frames_exact", True)), "vfr": bool(info.variable_rate),
+                     "rotation": int(info.rotation)}}
 
 
 def run_segment(path: str, video_id: str, start: int, end: int | None, frame_size: tuple[int, int], settings: Settings,
-                actors: list) -> dict:
-    """Annotate frames [start, end) of one video (smoothed and posed) and write them atomically; idempotent."""
+                actors: list, progress=None, sequential: bool = False) -> dict:
+    """Annotate frames [start, end) of one video (smoothed and posed) and write them atomically; idempotent.
+
+    ``progress`` (a Progress actor, or None) hears how many frames the segment has taken so far; ``sequential``:
+    frames are numbered in decoding order (variable frame rate video, one segment from frame 0)."""
     import json
 
     import cv2
     import ray
 
     from fkp_core.annotator import SegmentAnnotator
-    from fkp_core.detector import HaarDetector
+    from fkp_core.detector import make_detector
     from fkp_core.postprocess import postprocess_segment
+    from fkp_core.sampling import is_sampled, smoothing_for
     from fkp_core.tables import faces_table, open_output
     from fkp_core.video import DecodeStats, VideoError, read_frames
 
@@ -274,21 +300,30 @@ def run_segment(path: str, video_id: str, start: int, end: int | None, frame_siz
         size, margin = _model_geometry(settings.model)
     else:
         predict, size, margin = lm.predict_crops, lm.size, lm.margin
-    annotator = SegmentAnnotator(predict, size, margin, HaarDetector(settings.haar), settings.annotate)
+    annotator = SegmentAnnotator(predict, size, margin, make_detector(settings.detector), settings.annotate)
     error = None
     previous = None
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     first = max(0, start - 1)  # the frame before the segment tells whether a scene cut falls on the boundary
 
     decode = DecodeStats()
+    taken = 0
 
     def frames():
-        nonlocal previous
-        for f in read_frames(path, first, end, gray=True, on_error="skip", stats=decode, threads=1):
+        nonlocal previous, taken
+        previous_s = None  # timestamp of the frame decoded before this one (frame sampling)
+        for f in read_frames(path, first, end, gray=True, upright=True, on_error="skip", stats=decode, threads=1,
+                             sequential=sequential):
             if f.index < start:
-                previous = f.image
+                previous, previous_s = f.image, f.timestamp_s
                 continue
-            yield f
+            taken += 1
+            if progress is not None and taken % PROGRESS_EVERY == 0:
+                progress.set.remote(progress_key(video_id, start), taken)
+            sampled = settings.sample_fps is None or is_sampled(f.timestamp_s, previous_s, settings.sample_fps)
+            previous_s = f.timestamp_s
+            if sampled:
+                yield f
 
     try:
         gen = frames()
@@ -309,9 +344,10 @@ def run_segment(path: str, video_id: str, start: int, end: int | None, frame_siz
         error = f"{path}: {len(decode.errors)} decoding error(s) in frames [{start}, {end if end is not None else 'end'}): {decode.errors[0]}"
     stats = annotator.stats.to_dict()
     t_post = time.perf_counter()
-    cols = postprocess_segment(cols, frame_size, smooth=settings.smooth)
+    cols = postprocess_segment(cols, frame_size, smooth=settings.smooth, smoothing=smoothing_for(settings.sample_fps))
     stats["seconds"]["post"] = time.perf_counter() - t_post
-    stats.update({"start": start, "end": end, "error": error, "seconds_total": time.perf_counter() - t0})
+    stats.update({"start": start, "end": end, "error": error, "decoded": taken, "seconds_total": time.perf_counter() - t0,
+                  "cpu_seconds": time.process_time() - cpu0})  # this process's CPU, all its threads
     table = faces_table(video_id, path, cols)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"fkp_stats": json.dumps(stats).encode()})
     out.write_table(target, table)
@@ -338,9 +374,10 @@ def finalize_video(plan: dict, settings: Settings) -> dict:
     import numpy as np
 
     from fkp_core.postprocess import postprocess_video
+    from fkp_core.sampling import smoothing_for
     from fkp_core.tables import columns_from_table, faces_table, open_output
 
-    t0 = time.perf_counter()
+    cpu0 = time.process_time()
     out = open_output(settings.out)
     info = plan["info"]
     segments, cols = [], []
@@ -352,8 +389,9 @@ def finalize_video(plan: dict, settings: Settings) -> dict:
         cols.append(columns_from_table(table))
         if stats.get("error"):
             errors.append(stats["error"])
-    merged = postprocess_video(cols, segments, (info["width"], info["height"]), smooth=settings.smooth)
-    decoded = sum(s.get("frames", 0) for s in segments)
+    merged = postprocess_video(cols, segments, (info["width"], info["height"]), smooth=settings.smooth,
+                               smoothing=smoothing_for(settings.sample_fps))
+    decoded = sum(s.get("decoded", s.get("frames", 0)) for s in segments)
     expected = info["frames"]
     truncated = expected > 0 and info.get("exact", True) and decoded < expected
     if decoded == 0:
@@ -371,11 +409,14 @@ def finalize_video(plan: dict, settings: Settings) -> dict:
     record = {
         "video_id": plan["video_id"], "path": plan["path"], "status": status, "error": "; ".join(errors) or None,
         "frames_expected": expected, "frames_decoded": decoded, "fps": info["fps"], "width": info["width"],
+        "frames_annotated": sum(s.get("frames", 0) for s in segments), "sample_fps": settings.sample_fps,
         "height": info["height"], "frames_with_faces": int(len(np.unique(merged.frame_index))), "faces": int(len(merged)),
         "tracks": int(len(np.unique(merged.track_id))), "segments": len(segments),
-        "seconds": float(sum(s.get("seconds_total", 0.0) for s in segments) + time.perf_counter() - t0),
+        # CPU seconds of the segment tasks and this one (with model actors, not the actors' share of the CNN)
+        "seconds": float(sum(s.get("cpu_seconds", s.get("seconds_total", 0.0)) for s in segments) + time.process_time() - cpu0),
         "output": part if status != "failed" else None, "render": None, "model": settings.model_name,
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": plan.get("source"),
+        "rotation": info.get("rotation", 0),
         "stage_seconds": {k: float(sum(s.get("seconds", {}).get(k, 0.0) for s in segments))
                           for k in ("decode", "detect", "cnn", "other", "post")},
     }
@@ -403,7 +444,8 @@ def failed_record(plan: VideoPlan, settings: Settings, reason: str) -> dict:
         "frames_expected": (plan.info or {}).get("frames"), "frames_decoded": 0, "fps": (plan.info or {}).get("fps"),
         "width": (plan.info or {}).get("width"), "height": (plan.info or {}).get("height"), "frames_with_faces": 0,
         "faces": 0, "tracks": 0, "segments": 0, "seconds": 0.0, "output": None, "render": None, "model": settings.model_name,
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": plan.source,
+        "rotation": (plan.info or {}).get("rotation"),
     }
 
 
@@ -471,38 +513,35 @@ def _check_inputs_shared(paths: list, model: str | None) -> None:
 
 def _settings(args: argparse.Namespace, device: str) -> Settings:
     from fkp_core.annotator import AnnotateConfig
-    from fkp_core.detector import HAAR_PRESETS
     from fkp_core.filters import parse_filters
     from fkp_core.weights import resolve_model_path
 
     if (args.segment_frames is not None and args.segment_frames < 1) or args.detect_every < 1 or args.refine < 0 or args.min_face < 1:
         raise UsageError("--segment-frames, --detect-every and --min-face must be >= 1, --refine >= 0")
-    if args.detect_scale is not None and not 0 < args.detect_scale <= 1:
-        raise UsageError("--detect-scale must be in (0, 1]")
-    detect_scale = args.detect_scale or min(1.0, CASCADE_WINDOW / args.min_face)
     try:
         filters = tuple(parse_filters(args.filter))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     model_path = str(resolve_model_path(args.model))
     loaded = load_model_arg(model_path, flag="--model")
-    if args.scale_factor <= 1:
-        raise UsageError("--scale-factor must be > 1")
-    haar = replace(HAAR_PRESETS[args.detector], downscale=detect_scale, min_size=args.min_face, scale_factor=args.scale_factor)
     return Settings(
         out=args.out, model=model_path, model_name=f"{Path(model_path).stem} ({loaded.metadata.get('sha256', '')[:12]})",
-        device=device, haar=haar,
-        annotate=AnnotateConfig(detect_every=args.detect_every, refine=args.refine, min_face=args.min_face),
+        device=device, detector=detector_spec(args),
+        annotate=AnnotateConfig(detect_every=args.detect_every, refine=args.refine),
         smooth=not args.no_smooth, render=args.render, filters=filters, segment_frames=args.segment_frames,
+        sample_fps=args.sample_fps,
     )
 
 
-def _is_finished(out, video_id: str, want_render: bool) -> dict | None:
-    path = out.status_path(video_id)
+def _is_finished(out, plan: VideoPlan, want_render: bool) -> dict | None:
+    path = out.status_path(plan.video_id)
     if not out.exists(path):
         return None
     record = out.read_json(path)
     if record.get("status") not in ("ok", "partial") or not record.get("output") or not out.exists(record["output"]):
+        return None
+    if record.get("source") and plan.source and record["source"] != plan.source:
+        plan.changed = True  # another file at the same path: its rows are not this file's
         return None
     if want_render and not (record.get("render") and os.path.exists(record["render"])):
         return {**record, "_needs_render": True}
@@ -510,29 +549,39 @@ def _is_finished(out, video_id: str, want_render: bool) -> dict | None:
 
 
 def _check_args(args: argparse.Namespace):
-    """Usage checks that need no Ray: inputs, output, render folder, flags, model. -> (paths, out, settings)."""
+    """Usage checks that need no Ray, cheapest first, creating nothing: flags, model, inputs, output, render
+    folder, resources; then the model's weights are loaded once. -> (paths, out, settings)."""
+    from fkp_core.filters import parse_filters
     from fkp_core.tables import open_output
     from fkp_core.video import find_media
 
     try:
-        paths = find_media(args.inputs)
-    except (FileNotFoundError, ValueError) as exc:
-        raise UsageError(str(exc).strip("'\"")) from None
-    if not paths:
-        raise UsageError(f"no videos or images found in {' '.join(args.inputs)}")
+        parse_filters(args.filter)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    check_resources(args, None)
+    check_model_arg(args.model, "--model")
     try:
         out = open_output(args.out)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if out.is_local and Path(out.root).exists() and not Path(out.root).is_dir():
-        raise UsageError(f"--out {out.root} exists and is not a folder")
-    _check_output(out)
     if args.render:
-        try:
-            Path(args.render).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"--render {args.render}: {exc.strerror}") from None
         args.render = str(Path(args.render).resolve())
+    try:
+        notes: list[str] = []
+        paths = not_outputs(find_media(args.inputs, notes), out, args.render)
+        for note in notes:
+            log.warning("%s", note)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc).strip("'\"")) from None
+    if not paths:
+        raise UsageError(f"no videos or images found in {' '.join(args.inputs)}")
+    if out.is_local:
+        check_writable_dir(out.root, "--out")
+    else:
+        _check_output(out)
+    if args.render:
+        check_writable_dir(args.render, "--render")
     return paths, out, _settings(args, "cpu")
 
 
@@ -542,14 +591,18 @@ def _select(plans: list[VideoPlan], out, args: argparse.Namespace) -> tuple[dict
     to_render: list[dict] = []
     todo: list[VideoPlan] = []
     for plan in plans:
-        if args.overwrite:
+        plan.source = source_identity(plan.path)
+        done = None if args.overwrite else _is_finished(out, plan, bool(args.render))
+        if args.overwrite or plan.changed:
             for path in (out.status_path(plan.video_id), out.part_path(plan.video_id)):
                 if out.exists(path):
                     out.fs.delete_file(path)
             out.remove_dir(out.segment_dir(plan.video_id))
+            if plan.changed:
+                log.warning("%s: changed since it was finished in %s (size or modification time): annotating it again",
+                            plan.path, out.uri)
             todo.append(plan)
             continue
-        done = _is_finished(out, plan.video_id, bool(args.render))
         if done is None:
             todo.append(plan)
         elif done.pop("_needs_render", False):
@@ -565,10 +618,12 @@ def _plan(plan: VideoPlan, info: dict, out, settings: Settings, slots: int) -> N
     """Cut a video into segments; drop segments an earlier run wrote with other settings."""
     plan.info = info
     seg_len = settings.segment_frames or auto_segment_frames(info["frames"], slots)
-    plan.segments = plan_segments(info["frames"], seg_len)
+    # variable frame rate: frames are numbered in decoding order, which takes one decode from the start
+    plan.segments = [(0, None)] if info.get("vfr") else plan_segments(info["frames"], seg_len)
     plan_file = out.path("_segments", plan.video_id, "plan.json")
     wanted = {"segments": [list(s) for s in plan.segments], "model": settings.model_name,
-              "annotate": repr(settings.annotate), "haar": repr(settings.haar)}
+              "annotate": repr(settings.annotate), "detector": repr(settings.detector),
+              "sample_fps": settings.sample_fps}
     if out.exists(plan_file) and out.read_json(plan_file) != wanted:
         log.info("%s: discarding segments written with other settings", plan.path)
         out.remove_dir(out.segment_dir(plan.video_id))
@@ -597,21 +652,24 @@ def _write_videos_table(out) -> None:
     out.write_table(out.path("_videos.parquet"), videos_table(sorted(records, key=lambda r: r["path"])))
 
 
-def run(args: argparse.Namespace) -> int:
+def _run_on_ray(args: argparse.Namespace, paths: list, out, settings: Settings, plans: list[VideoPlan],
+                records: dict[str, dict], to_render: list[dict], todo: list[VideoPlan]) -> tuple[int, float]:
+    """Start or join Ray and do the work: probe, segments, finalize, render. Fills ``records``.
+
+    -> (frames annotated, seconds since the work started, Ray's start-up excluded)."""
     import ray
     from tqdm import tqdm
 
     from fkp_core.tables import open_output
-    from fkp_core.video import video_id
     from fkp_core.weights import is_bundled
 
-    paths, out, settings = _check_args(args)
     mode = init_ray(num_cpus=args.num_cpus, quiet=not args.verbose)
     _check_shared(out, "--out")
     _check_inputs_shared(paths, None if is_bundled(settings.model) else settings.model)
     if args.render:
         _check_shared(open_output(args.render), "--render")
     resources, use_gpu = use_gpus(args.device, mode)
+    check_resources(args, resources)
     gpus = int(resources.get("GPU", 0))
     n_actors = args.model_actors if args.model_actors is not None else (max(1, gpus) if use_gpu else 0)
     # with model actors every frame costs a round trip: batch frames into chunks when detecting on all of them
@@ -620,8 +678,6 @@ def run(args: argparse.Namespace) -> int:
     log.info("%d input(s); %s Ray with %d CPU / %d GPU; CNN %s", len(paths), mode, int(resources.get("CPU", 0)), gpus,
              f"on {n_actors} model actor(s) ({settings.device})" if n_actors else "inside each segment task (CPU)")
 
-    plans = [VideoPlan(str(p), video_id(p)) for p in paths]
-    records, to_render, todo = _select(plans, out, args)
     actors = _start_actors(n_actors, use_gpu, settings) if n_actors and todo else []
     probe_remote = ray.remote(probe_video).options(num_cpus=0.25, max_retries=args.max_retries)
     segment_remote = ray.remote(run_segment).options(num_cpus=args.cpus_per_segment, max_retries=args.max_retries)
@@ -646,20 +702,36 @@ def run(args: argparse.Namespace) -> int:
     frames_done = 0
     bar = tqdm(total=sum(p.info["frames"] for p in todo if p.info), unit="frame", disable=args.quiet or not todo,
                dynamic_ncols=True, desc="annotate")
+    # segments report frames as they go, so the bar moves within a segment, not a whole segment at a time
+    progress = ray.remote(Progress).options(num_cpus=0).remote() if not bar.disable else None
+    running: dict = {}  # segment ref -> its progress key
+
+    def show_progress() -> None:
+        partial = ray.get(progress.snapshot.remote()) if progress is not None and running else {}
+        bar.n = frames_done + sum(partial.get(key, 0) for key in running.values())
+        bar.refresh()
 
     def submit_segments() -> None:
         while queue and len(inflight) < max_inflight:
             plan, start, end = queue.popleft()
             size = (plan.info["width"], plan.info["height"])
-            inflight[segment_remote.remote(plan.path, plan.video_id, start, end, size, settings, actors)] = ("segment", plan)
+            ref = segment_remote.remote(plan.path, plan.video_id, start, end, size, settings, actors, progress,
+                                        bool(plan.info.get("vfr")))
+            inflight[ref] = ("segment", plan)
+            running[ref] = progress_key(plan.video_id, start)
 
     for record in to_render:
         inflight[render_remote.remote(record, settings)] = ("render", record)
     submit_segments()
     try:
         while inflight:
-            (ref,), _ = ray.wait(list(inflight), num_returns=1)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=None if progress is None else 0.5)
+            if not ready:
+                show_progress()
+                continue
+            ref = ready[0]
             kind, obj = inflight.pop(ref)
+            running.pop(ref, None)
             vid = obj.video_id if isinstance(obj, VideoPlan) else obj["video_id"]
             try:
                 result = ray.get(ref)
@@ -676,7 +748,8 @@ def run(args: argparse.Namespace) -> int:
                     continue
             if kind == "segment":
                 frames_done += result.get("frames", 0)
-                bar.update(result.get("frames", 0))
+                if progress is not None:
+                    show_progress()
                 remaining[vid] -= 1
                 if remaining[vid] == 0 and vid in broken:
                     records[vid] = failed_record(obj, settings, broken[vid])
@@ -693,8 +766,35 @@ def run(args: argparse.Namespace) -> int:
             submit_segments()
     finally:
         bar.close()
-    elapsed = time.perf_counter() - started
+        if progress is not None:
+            ray.kill(progress)
+    return frames_done, time.perf_counter() - started
+
+
+def run(args: argparse.Namespace) -> int:
+    paths, out, settings = _check_args(args)
+    existed = out.exists(out.root)
+    try:
+        with OutputLock(out, args.command):  # one run at a time per --out: a second one is refused (exit 2)
+            code = _run(args, paths, out, settings)
+            remove_if_empty(out, out.path("_segments"))  # every video's segments were stitched: no empty folder left
+            return code
+    except UsageError:  # one found once Ray was up (cluster checks, resources): leave no new empty --out behind
+        if not existed:
+            remove_if_empty(out, out.root)
+        raise
+
+
+def _run(args: argparse.Namespace, paths: list, out, settings: Settings) -> int:
+    from fkp_core.video import video_id
+
+    plans = [VideoPlan(str(p), video_id(p)) for p in paths]
+    records, to_render, todo = _select(plans, out, args)
+    # nothing left to do (a re-run of a finished command): no Ray at all
+    frames_done, elapsed = _run_on_ray(args, paths, out, settings, plans, records, to_render, todo) if todo or to_render else (0, 0.0)
     _write_videos_table(out)
+    from jobs.report import write_run_report  # OUT/_report.html: per-video table, totals, keypoint thumbnails
+    write_run_report(out, quiet=args.quiet)
 
     mine = [records[p.video_id] for p in plans if p.video_id in records]
     counts = {s: sum(1 for r in mine if r["status"] == s) for s in ("ok", "partial", "failed")}
@@ -702,17 +802,19 @@ def run(args: argparse.Namespace) -> int:
         if r["status"] != "ok" or r.get("error"):
             log.warning("%s: %s", r["status"], r.get("error") or r["path"])
     fps = frames_done / elapsed if elapsed > 0 else 0.0
+    changed = sum(p.changed for p in plans)
     print(
         f"{len(mine)} input(s): {counts['ok']} ok, {counts['partial']} partial, {counts['failed']} failed; "
         f"{frames_done} frames annotated this run, {sum(r.get('faces') or 0 for r in mine)} faces in total; "
         f"{elapsed:.1f} s ({fps:.1f} frames/s); tables in {out.uri}" + (f", videos in {args.render}" if args.render else "")
+        + (f"; {changed} input(s) changed since they were finished here, so annotated again" if changed else "")
     )
     ok = counts["partial"] == 0 and counts["failed"] == 0 and not any(r.get("error") for r in mine if r["status"] == "ok")
     return EXIT_OK if ok else EXIT_FAILED
 
 
 def asdict_plan(plan: VideoPlan) -> dict:
-    return {"path": plan.path, "video_id": plan.video_id, "info": plan.info, "segments": plan.segments}
+    return {"path": plan.path, "video_id": plan.video_id, "info": plan.info, "segments": plan.segments, "source": plan.source}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,17 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from jobs.common import EXIT_OK, Parser, UsageError, add_common_flags, run_main
+from jobs.common import (
+    EXIT_OK,
+    HelpFormatter,
+    Parser,
+    UsageError,
+    add_common_flags,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    run_main,
+)
 
 log = logging.getLogger("fkp.bench")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -29,29 +39,39 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m jobs.bench", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="what", required=True, metavar="{annotate,model,smoothing}")
+    sub = p.add_subparsers(dest="what", required=True, metavar="{annotate,model,smoothing,detector}")
     a = sub.add_parser("annotate", help="decode-only fps and end-to-end job fps on the same videos, with per-stage times",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     a.add_argument("videos", nargs="+", help="video files (the reference clip: talk_640x480_3000.mp4)")
-    a.add_argument("--detect-every", default="1,10", help="comma-separated K values to measure (1 = Haar on every frame)")
-    a.add_argument("--segment-frames", type=int, default=None, help="passed to the job (default: the job's)")
-    a.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    a.add_argument("--detect-every", default="1,10", help="comma-separated K values to measure (1 = the detector on every frame)")
+    a.add_argument("--detector", default="yunet", help="comma-separated jobs.annotate --detector values to measure in the same run (yunet, fast, recall)")
+    a.add_argument("--sample-fps", default="all", help="comma-separated jobs.annotate --sample-fps values to measure in the same run ('all': every frame)")
+    a.add_argument("--segment-frames", type=positive_int, default=None, help="passed to the job (default: the job's)")
+    a.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs of the local Ray instance (default: all)")
     a.add_argument("--extra", default="", help="more flags for jobs.annotate, as one string (e.g. '--model-actors 1')")
-    m = sub.add_parser("model", help="CNN time per face by batch size", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = sub.add_parser("model", help="CNN time per face by batch size", formatter_class=HelpFormatter)
     m.add_argument("--model", default=None, help="model file, or a bundled model by name ('default', 'fast', 'fastest'); default: default")
     m.add_argument("--device", default="cpu", help="torch device")
-    m.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = one core, as the 3 ms budget is stated)")
+    m.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (1 = one core, as the 3 ms budget is stated)")
     m.add_argument("--batch-sizes", default="1,8,32,128", help="comma-separated batch sizes")
     m.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"], help="auto: ONNX Runtime on CPU, torch on GPU")
-    m.add_argument("--seconds", type=float, default=3.0, help="time per batch size")
+    m.add_argument("--seconds", type=positive_float, default=3.0, help="time per batch size")
     s = sub.add_parser("smoothing", help="jitter on a still face and NME on moving faces, with and without smoothing",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     s.add_argument("--truth-clip", default=str(EXAMPLES / "sample.mp4"), help="clip with a ground-truth CSV beside it (NAME_truth.csv)")
-    s.add_argument("--still-frames", type=int, default=150, help="frames of the generated still-face clip")
-    s.add_argument("--noise", type=float, default=4.0, help="sensor noise sigma (gray levels) added to each still frame")
+    s.add_argument("--still-frames", type=positive_int, default=150, help="frames of the generated still-face clip")
+    s.add_argument("--noise", type=non_negative_float, default=4.0, help="sensor noise sigma (gray levels) added to each still frame")
     s.add_argument("--detect-every", default="1,10,30", help="comma-separated K values for the moving-face NME (the first is the reference)")
     s.add_argument("--extra", default="", help="more flags for jobs.annotate, as one string (e.g. '--model fast')")
-    for sp in (a, m, s):
+    d = sub.add_parser("detector", help="YuNet faces per clip and labelled faces found, by score threshold (how the default was chosen)",
+                       formatter_class=HelpFormatter)
+    d.add_argument("videos", nargs="+", help="development clips (a no-face control, single-person clips, a crowd)")
+    d.add_argument("--data", action="append", metavar="[KIND:]PATH", default=None,
+                   help="labelled training faces, repeatable (course layout: its training split; iBUG folder); never AFW")
+    d.add_argument("--every", type=positive_int, default=2, help="use every Nth labelled face")
+    d.add_argument("--yunet-model", action="append", default=None, help="YuNet ONNX file, repeatable (default: the bundled one)")
+    d.add_argument("--thresholds", default="0.5,0.6,0.7,0.8,0.9", help="comma-separated score thresholds")
+    for sp in (a, m, s, d):
         sp.add_argument("--json", default=None, help="where to save the figures (default: runs/bench/<what>-<time>.json)")
         add_common_flags(sp)
     add_common_flags(p)
@@ -89,7 +109,18 @@ def bench_annotate(args: argparse.Namespace) -> dict:
     from jobs import annotate
     from jobs.common import init_ray
 
+    from fkp_core.detector import DETECTORS
+
     ks = [int(k) for k in args.detect_every.split(",") if k.strip()]
+    detectors = [d.strip() for d in args.detector.split(",") if d.strip()]
+    if not detectors or set(detectors) - set(DETECTORS):
+        raise UsageError(f"--detector: comma-separated names from {', '.join(DETECTORS)}")
+    try:
+        rates = [None if r.strip() == "all" else float(r) for r in args.sample_fps.split(",") if r.strip()]
+    except ValueError:
+        raise UsageError("--sample-fps: comma-separated numbers > 0 or 'all'") from None
+    if not rates or any(r is not None and not r > 0 for r in rates):
+        raise UsageError("--sample-fps: comma-separated numbers > 0 or 'all'")
     for v in args.videos:
         if not Path(v).is_file():
             raise UsageError(f"{v}: no such file")
@@ -100,13 +131,14 @@ def bench_annotate(args: argparse.Namespace) -> dict:
     for path in args.videos:
         info = probe(path)
         entry = {"video": path, "size": [info.width, info.height], "runs": []}
-        for k in ks:
+        for detector, k, rate in [(d, k, r) for d in detectors for k in ks for r in rates]:
             # decode-only right before each run: on a shared machine the speed of the cores drifts
             # between minutes, and a ratio is only as good as its two figures are close in time
             frames, secs = decode_only_fps(path)
             entry["frames"] = frames
             with tempfile.TemporaryDirectory() as tmp:
-                argv = [path, "--out", f"{tmp}/out", "--detect-every", str(k), "-q", *args.extra.split()]
+                argv = [path, "--out", f"{tmp}/out", "--detect-every", str(k), "--detector", detector, "-q", *args.extra.split()]
+                argv += ["--sample-fps", str(rate)] if rate else []
                 if args.segment_frames:
                     argv += ["--segment-frames", str(args.segment_frames)]
                 t0 = time.perf_counter()
@@ -114,13 +146,14 @@ def bench_annotate(args: argparse.Namespace) -> dict:
                 wall = time.perf_counter() - t0
                 status = open_output(f"{tmp}/out").read_json(open_output(f"{tmp}/out").status_path(video_id(path)))
             run = {
-                "detect_every": k, "exit_code": code, "wall_s": wall, "fps": frames / wall, "decode_only_fps": frames / secs,
+                "detector": detector, "detect_every": k, "sample_fps": rate, "exit_code": code, "wall_s": wall, "fps": frames / wall, "decode_only_fps": frames / secs,
                 "ratio_to_decode_only": (frames / wall) / (frames / secs), "faces": status.get("faces"),
                 "stage_cpu_seconds": status.get("stage_seconds"),
                 "stage_ms_per_frame": {s: 1000 * v / max(frames, 1) for s, v in (status.get("stage_seconds") or {}).items()},
             }
             entry["runs"].append(run)
-            print(f"{Path(path).name}: decode-only {run['decode_only_fps']:.0f} fps | detect-every {k}: "
+            print(f"{Path(path).name}: decode-only {run['decode_only_fps']:.0f} fps | {detector}, detect-every {k}"
+                  f"{f', sample-fps {rate:g}' if rate else ''}: "
                   f"{run['fps']:.0f} fps = {run['ratio_to_decode_only']:.2f} x decode-only | per frame (CPU ms): "
                   + ", ".join(f"{s} {v:.2f}" for s, v in run["stage_ms_per_frame"].items()))
         entry["decode_only_fps"] = sorted(r["decode_only_fps"] for r in entry["runs"])[len(entry["runs"]) // 2]  # median
@@ -218,8 +251,57 @@ def bench_smoothing(args: argparse.Namespace) -> dict:
     return out
 
 
+def _scores(detector, images) -> list:
+    return [detector.detect(im).scores for im in images]
+
+
+def bench_detector(args: argparse.Namespace) -> dict:
+    """Per threshold: faces on each clip (total, most in one frame) and the share of labelled faces found."""
+    import cv2
+    import numpy as np
+
+    from fkp_core.dataset import DatasetError, parse_source, read_image
+    from fkp_core.detector import YUNET_MODEL, YuNetConfig, YuNetDetector, iou
+    from fkp_core.transforms import face_frame
+    from fkp_core.video import read_frames
+
+    cv2.setNumThreads(1)
+    thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+    if not thresholds or min(thresholds) < 0 or max(thresholds) > 1:
+        raise UsageError("--thresholds: comma-separated numbers in [0, 1]")
+    try:
+        sources = [parse_source(spec) for spec in args.data or []]
+        records = [r for src in sources for r in (src.read("training") if src.kind == "course" else src.read())][:: args.every]
+    except DatasetError as exc:
+        raise UsageError(str(exc)) from None
+    if any("afw" in src.label.lower() for src in sources):
+        raise UsageError("--data: AFW is for validation only, never for choosing settings")
+    results = []
+    for model in args.yunet_model or [str(YUNET_MODEL)]:
+        det = YuNetDetector(YuNetConfig(model=model, score_threshold=min(thresholds)))
+        entry = {"model": model, "clips": {}, "labelled_found": {}}
+        for video in args.videos:
+            per_frame = _scores(det, (f.image for f in read_frames(video, 0, None, gray=True)))
+            entry["clips"][Path(video).name] = {
+                f"{t:g}": {"faces": int(sum((s >= t).sum() for s in per_frame)), "most_in_a_frame": int(max((s >= t).sum() for s in per_frame))}
+                for t in thresholds}
+        best = []
+        for r in records:
+            found = det.detect(read_image(r.image_path))
+            crops, _ = det.calibration.crop_regions(found)
+            overlap = iou(crops, face_frame(r.keypoints)[0][None])[:, 0] if len(found) else np.zeros(0)
+            best.append(float(found.scores[overlap.argmax()]) if len(found) and overlap.max() >= 0.3 else 0.0)
+        entry["labelled_found"] = {f"{t:g}": float(np.mean(np.asarray(best) >= t)) if best else None for t in thresholds}
+        results.append(entry)
+        print(f"{Path(model).name}: labelled faces found ({len(records)}): "
+              + ", ".join(f"{t}: {v:.4f}" for t, v in entry["labelled_found"].items() if v is not None))
+        for clip, row in entry["clips"].items():
+            print(f"  {clip}: " + ", ".join(f"{t}: {v['faces']} (max {v['most_in_a_frame']}/frame)" for t, v in row.items()))
+    return {"what": "detector", "machine": _machine(), "command": args.command, "results": results}
+
+
 def run(args: argparse.Namespace) -> int:
-    fn = {"annotate": bench_annotate, "model": bench_model, "smoothing": bench_smoothing}[args.what]
+    fn = {"annotate": bench_annotate, "model": bench_model, "smoothing": bench_smoothing, "detector": bench_detector}[args.what]
     _save(args, fn(args))
     return EXIT_OK
 

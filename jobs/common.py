@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shlex
 import sys
@@ -21,11 +22,79 @@ class UsageError(Exception):
     """Bad flags or inputs: printed as one line, exit code 2."""
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None: those flags' help says what happens when they are left out."""
+class Ranged:
+    """An argparse ``type=``: a number of ``kind`` (int or float) in a range, checked at parse time.
+
+    A value out of range or not a number is a one-line usage error that states the range, and
+    ``--help`` states it after each flag's help. ``accepts`` and ``text`` tell tests the range.
+    """
+
+    def __init__(self, kind: type, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, high_open: bool = False, note: str = ""):
+        self.kind, self.low, self.high, self.low_open, self.high_open, self.note = kind, low, high, low_open, high_open, note
+        self.__name__ = kind.__name__  # argparse names the type in its own messages
+
+    @property
+    def text(self) -> str:
+        what = "an integer" if self.kind is int else "a number"
+        fmt = lambda v: f"{v:g}"  # noqa: E731
+        if self.low is not None and self.high is not None:
+            rng = f"{what} in {'(' if self.low_open else '['}{fmt(self.low)}, {fmt(self.high)}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            rng = f"{what} {'>' if self.low_open else '>='} {fmt(self.low)}"
+        elif self.high is not None:
+            rng = f"{what} {'<' if self.high_open else '<='} {fmt(self.high)}"
+        else:
+            rng = what
+        return f"{rng} ({self.note})" if self.note else rng
+
+    def accepts(self, value: float) -> bool:
+        if self.kind is float and not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __call__(self, text: str):
+        try:
+            value = self.kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"invalid {self.kind.__name__} value: {text!r}: must be {self.text}") from None
+        if not self.accepts(value):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {self.text}")
+        return value
+
+    def __repr__(self) -> str:
+        return f"Ranged({self.text})"
+
+
+positive_int = Ranged(int, 1)
+non_negative_int = Ranged(int, 0)
+positive_float = Ranged(float, 0, low_open=True)
+non_negative_float = Ranged(float, 0)
+unit_interval = Ranged(float, 0, 1)  # a probability
+fraction = Ranged(float, 0, 1, low_open=True, high_open=True)  # strictly between 0 and 1
+share = Ranged(float, 0, 1, low_open=True)  # (0, 1]: a part of something, all of it included
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each numeric flag's range, and defaults except None (those flags' help says what happens then)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default is None else super()._get_help_string(action)
+        text = action.help
+        if text is not None and isinstance(action.type, Ranged):
+            text = f"{text} [{action.type.text}]"
+        if action.default is None or text is None:
+            return text
+        saved = action.help
+        action.help = text
+        try:
+            return super()._get_help_string(action)
+        finally:
+            action.help = saved
+
+
+_HelpFormatter = HelpFormatter
 
 
 class Parser(argparse.ArgumentParser):
@@ -100,20 +169,34 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, quiet: bo
     kwargs: dict = {"logging_level": logging.WARNING if quiet else logging.INFO}
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise UsageError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {_first_line(exc)}") from None
         return "cluster"
     pythonpath = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     temp_dir = os.environ.get("FKP_RAY_TEMP_DIR") or os.path.join(tempfile.gettempdir(), f"fkp-ray-{os.getuid()}")
-    ray.init(
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        include_dashboard=False,
-        _temp_dir=temp_dir,
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]},
-                     "worker_process_setup_hook": "jobs.common.quiet_worker_logs"},
-        **kwargs,
-    )
+    try:
+        ray.init(
+            # "local": always an instance of our own, never whatever `ray start` last left in the temp dir (Ray
+            # would join that one, or refuse num_cpus with a traceback when it is there)
+            address="local",
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            include_dashboard=False,
+            _temp_dir=temp_dir,
+            runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]},
+                         "worker_process_setup_hook": "jobs.common.quiet_worker_logs"},
+            **kwargs,
+        )
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise UsageError(f"cannot start a local Ray instance (temp dir {temp_dir}): {_first_line(exc)}") from None
     return "local"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def cluster_node_count() -> int:
@@ -147,7 +230,47 @@ def load_model_arg(path, device: str = "cpu", flag: str | None = None):
     try:
         return load_model(path, device=device)
     except ModelFileError as exc:
-        raise UsageError(f"{flag}: {exc}" if flag else str(exc)) from None
+        raise UsageError(_model_message(path, flag, str(exc))) from None
+
+
+def _model_message(value, flag: str | None, message: str) -> str:
+    """A model error; a bare name that is neither bundled nor a file is most likely a mistyped bundled name."""
+    from fkp_core.weights import BUNDLED_MODELS
+
+    text = str(value) if value is not None else ""
+    if text and os.sep not in text and "/" not in text and not Path(text).suffix and text not in BUNDLED_MODELS \
+            and not Path(text).with_suffix(".pt").exists():
+        message = f"no bundled model named {text!r} and no model file {text}.pt (bundled: {', '.join(BUNDLED_MODELS)})"
+    return f"{flag}: {message}" if flag else message
+
+
+def check_model_arg(value, flag: str) -> tuple[str, dict]:
+    """(model file path, its metadata) for a --model value, checked without loading any weights."""
+    from fkp_core.weights import ModelFileError, read_metadata, resolve_model_path
+
+    path = resolve_model_path(value)
+    try:
+        if not path.with_suffix(".pt").is_file():
+            raise ModelFileError(f"{path.with_suffix('.pt')}: model file not found")
+        return str(path), read_metadata(path)
+    except ModelFileError as exc:
+        raise UsageError(_model_message(value, flag, str(exc))) from None
+
+
+def check_writable_dir(path: str, flag: str) -> None:
+    """A local folder that exists and takes new files, or that can be made; creates nothing (checks and removes)."""
+    p = Path(path)
+    try:
+        if p.exists() and not p.is_dir():
+            raise UsageError(f"{flag} {path} exists and is not a folder")
+        base = p
+        while not base.exists():
+            base = base.parent
+        if not base.is_dir():
+            raise UsageError(f"{flag} {path}: {base} is not a folder")
+        os.rmdir(tempfile.mkdtemp(prefix=".fkp-write-test-", dir=base))
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: not writable ({exc.strerror or exc})") from None
 
 
 def existing_dir(value: str) -> Path:
@@ -155,3 +278,144 @@ def existing_dir(value: str) -> Path:
     if not p.is_dir():
         raise UsageError(f"{value}: no such directory")
     return p
+
+
+def add_detector_flags(group) -> None:
+    """The face-detection flags, the same for every job that detects (annotate, evaluate, bench)."""
+    from fkp_core.detector import DEFAULT_DETECTOR, DETECTORS, YUNET_SCORE
+
+    group.add_argument("--detector", default=DEFAULT_DETECTOR, choices=DETECTORS,
+                       help="yunet: a CNN face detector (finds turned, dim and small faces; gives eye points, so crops are "
+                            "turned upright); fast: the seeds' Haar frontal cascade; recall: Haar frontal + profile cascades")
+    group.add_argument("--min-face", type=positive_int, default=64,
+                       help="smallest face that must still be found, in pixels of the full frame (its crop-box side); sets the "
+                            "scale detection runs at; in frames smaller than 8x this, an eighth of the shorter side. Lower it "
+                            "for crowds and small faces (detection gets slower)")
+    group.add_argument("--detect-scale", type=share, default=None,
+                       help="detect on the frame scaled by this factor (default: follows --min-face and the frame size)")
+    group.add_argument("--score-threshold", type=unit_interval, default=YUNET_SCORE,
+                       help="yunet: lowest detector score kept (chosen on the development data: README, Detection)")
+    group.add_argument("--scale-factor", type=Ranged(float, 1, low_open=True), default=1.2,
+                       help="Haar image-pyramid step: larger is faster and finds fewer faces (OpenCV's default 1.1 is slower)")
+
+
+def detector_spec(args: argparse.Namespace):
+    """The :class:`fkp_core.detector.DetectorSpec` of parsed detector flags."""
+    from fkp_core.detector import DetectorSpec
+
+    return DetectorSpec(name=args.detector, min_face=args.min_face, detect_scale=args.detect_scale,
+                        score_threshold=args.score_threshold, scale_factor=args.scale_factor)
+
+
+class OutputLock:
+    """``OUT/_lock.json``: one run at a time per output folder. It names its owner (host, PID, the PID's start
+    time, the command); a lock whose owner is gone (killed, crashed) is taken over, so none is left stuck.
+
+    On a local folder taking the lock is atomic (O_EXCL); on object stores it is a best effort (check, then write).
+    """
+
+    NAME = "_lock.json"
+
+    def __init__(self, out, command: str = ""):
+        self.out, self.command, self.held = out, command, False
+        self.path = out.path(self.NAME)
+
+    @staticmethod
+    def _started(pid: int) -> int | None:
+        """The PID's start time (clock ticks since boot, Linux), to tell a reused PID from the owner; None: unknown."""
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                return int(f.read().rsplit(b")", 1)[1].split()[19])
+        except (OSError, IndexError, ValueError):
+            return None
+
+    @classmethod
+    def _alive(cls, owner: dict) -> bool:
+        import socket
+
+        if owner.get("host") != socket.gethostname():
+            return True  # another machine's process: cannot tell, so it counts as running
+        pid = int(owner.get("pid", 0))
+        if pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    return False  # exited, not yet reaped by its parent
+        except (OSError, IndexError):
+            pass
+        started = cls._started(pid)
+        return started is None or owner.get("pid_started") is None or started == owner["pid_started"]
+
+    def _owner(self) -> dict:
+        import socket
+        from datetime import datetime, timezone
+
+        return {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": self._started(os.getpid()),
+                "since": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": self.command}
+
+    def _try_create(self) -> bool:
+        import json
+
+        data = json.dumps(self._owner(), sort_keys=True).encode()
+        if not self.out.is_local:
+            if self.out.exists(self.path):
+                return False
+            self.out.write_bytes(self.path, data)
+            return True
+        self.out.makedirs(self.out.root)
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, self.path)  # atomic, complete, and fails when the lock exists
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+
+    def acquire(self) -> "OutputLock":
+        """Take the lock or raise UsageError naming the run that holds it."""
+        for _ in range(3):
+            if self._try_create():
+                self.held = True
+                return self
+            try:
+                owner = self.out.read_json(self.path)
+            except FileNotFoundError:
+                continue  # released meanwhile: try again
+            except (OSError, ValueError):
+                owner = {"pid": 0}  # not a lock we wrote (written whole or not at all): nobody's
+            if owner and self._alive(owner):
+                raise UsageError(
+                    f"{self.out.uri} is in use by another run (PID {owner.get('pid')} on {owner.get('host')} since "
+                    f"{owner.get('since')}); wait for it to end, or delete {self.path} if that run is gone")
+            if owner:
+                log.info("taking over the lock of a run that is gone (PID %s on %s)", owner.get("pid"), owner.get("host"))
+                try:
+                    self.out.fs.delete_file(self.path)
+                except OSError:
+                    pass
+        raise UsageError(f"{self.out.uri}: could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            try:
+                if self.out.read_json(self.path).get("pid") == os.getpid():
+                    self.out.fs.delete_file(self.path)
+            except (OSError, ValueError):
+                pass
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -4,9 +4,11 @@
 
 Two protocols per source:
   gt_box      the face crop of a box derived from the ground-truth keypoints (the model alone);
-  end_to_end  Haar detection on the full image -> the detected box that overlaps the annotated
-              face -> crop -> CNN (what users get). Faces the detector misses count in the
-              detection rate and are left out of that protocol's NME.
+  end_to_end  detection on the full image with jobs.annotate's detector and defaults (the same
+              --detector, --min-face, ... flags) -> the detection whose crop box overlaps the
+              annotated face's -> crop (through the detector's calibration, upright) -> CNN (what
+              users get). Faces the detector misses count in the detection rate and are left out
+              of that protocol's NME.
 Writes OUT/report.json, OUT/ced.png (cumulative error curves) and OUT/<source>_grid.png (best,
 median and worst predictions). Runs in-process: 770 faces take seconds on one CPU core.
 """
@@ -18,10 +20,22 @@ import json
 import logging
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict
 from pathlib import Path
 
-from jobs.common import EXIT_OK, Parser, UsageError, add_common_flags, load_model_arg, run_main
+from jobs.common import (
+    EXIT_OK,
+    Parser,
+    UsageError,
+    add_common_flags,
+    add_detector_flags,
+    detector_spec,
+    load_model_arg,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_main,
+)
 
 log = logging.getLogger("fkp.evaluate")
 MATCH_IOU = 0.3
@@ -33,15 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", metavar="[KIND:]PATH",
                    help="labelled source, repeatable: course layout (its --split is used) or an iBUG .pts folder; default: $FKP_DATA/fkp")
     p.add_argument("--split", default="test", choices=["test", "training"], help="which part of a course-layout source")
-    p.add_argument("--detector", default="fast", choices=["fast", "recall"], help="Haar preset for the end-to-end protocol")
-    p.add_argument("--detect-scale", type=float, default=1.0, help="detect on the image scaled by this factor")
-    p.add_argument("--refine", type=int, default=1, help="extra CNN passes re-cropped around the prediction")
-    p.add_argument("--threshold", type=float, default=0.10, help="NME above which a face counts as a failure (FR) and the CED/AUC limit")
+    add_detector_flags(p.add_argument_group("detection (the end-to-end protocol; the same flags and defaults as jobs.annotate)"))
+    p.add_argument("--no-upright", action="store_true", help="crop faces as they lie instead of turning them so the eyes are level")
+    p.add_argument("--refine", type=non_negative_int, default=1, help="extra CNN passes re-cropped around the prediction")
+    p.add_argument("--threshold", type=positive_float, default=0.10, help="NME above which a face counts as a failure (FR) and the CED/AUC limit")
     p.add_argument("--out", default="runs/eval", help="folder for report.json and the PNGs")
     p.add_argument("--device", default="cpu", help="torch device for the CNN")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     add_common_flags(p)
     return p
+
+
+def find_faces(landmarker, image):
+    """Crop boxes (N, 4) and angles (N,) of every face the detector finds in one image: what jobs.annotate crops."""
+    return landmarker.detector.calibration.crop_regions(landmarker.detector.detect(image), landmarker.upright)
 
 
 def evaluate_source(landmarker, records, images, threshold: float) -> tuple[dict, dict]:
@@ -50,28 +69,30 @@ def evaluate_source(landmarker, records, images, threshold: float) -> tuple[dict
 
     from fkp_core.detector import iou
     from fkp_core.metrics import ced, summarize
-    from fkp_core.transforms import box_from_keypoints
+    from fkp_core.transforms import face_frame
 
     gt = np.stack([r.keypoints for r in records])
-    gt_boxes = box_from_keypoints(gt)
+    gt_boxes, gt_angles = face_frame(gt, landmarker.upright)
     t0 = time.perf_counter()
-    pred_gt = np.concatenate(landmarker.keypoints_in_boxes(images, [b[None] for b in gt_boxes]))
+    pred_gt = np.concatenate(landmarker.keypoints_in_boxes(images, [b[None] for b in gt_boxes], [a[None] for a in gt_angles]))
     t_gt = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    found, chosen = [], []
+    found, chosen, angles = [], [], []
     for img, gbox in zip(images, gt_boxes):
-        boxes = landmarker.detector.detect(img)
+        boxes, turns = find_faces(landmarker, img)
         if len(boxes):
             overlap = iou(boxes, gbox[None])[:, 0]
             best = int(np.argmax(overlap))
             if overlap[best] >= MATCH_IOU:
                 found.append(True)
-                chosen.append(boxes[best : best + 1].astype(np.float64))
+                chosen.append(boxes[best : best + 1])
+                angles.append(turns[best : best + 1])
                 continue
         found.append(False)
         chosen.append(np.zeros((0, 4)))
-    kps = landmarker.keypoints_in_boxes(images, chosen)
+        angles.append(np.zeros(0))
+    kps = landmarker.keypoints_in_boxes(images, chosen, angles)
     t_e2e = time.perf_counter() - t0
     found = np.asarray(found)
     pred_e2e = np.concatenate([k for k in kps if len(k)]) if found.any() else np.zeros((0, 68, 2), np.float32)
@@ -115,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from fkp_core.dataset import DatasetError, parse_source, read_image
-    from fkp_core.detector import HAAR_PRESETS, HaarDetector
+    from fkp_core.detector import make_detector
     from fkp_core.landmarks import Landmarker
     from fkp_core.viz import ced_plot, write_png
     from jobs.train import default_data_dir
@@ -130,13 +151,13 @@ def run(args: argparse.Namespace) -> int:
     except DatasetError as exc:
         raise UsageError(str(exc)) from None
     loaded = load_model_arg(args.model, device=args.device)
-    detector = HaarDetector(replace(HAAR_PRESETS[args.detector], downscale=args.detect_scale))
-    lm = Landmarker(loaded, detector=detector, device=args.device, refine=args.refine)
+    spec = detector_spec(args)
+    lm = Landmarker(loaded, detector=make_detector(spec), device=args.device, refine=args.refine, upright=not args.no_upright)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {
-        "model": str(loaded.path), "model_sha256": loaded.metadata.get("sha256"), "detector": args.detector,
-        "detect_scale": args.detect_scale, "refine": args.refine, "threshold": args.threshold,
+        "model": str(loaded.path), "model_sha256": loaded.metadata.get("sha256"), "detector": asdict(spec),
+        "upright": not args.no_upright, "refine": args.refine, "threshold": args.threshold,
         "command": args.command,
         "sources": {},
     }

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from jobs.common import EXIT_OK, Parser, UsageError, add_common_flags, run_main
+from jobs.common import EXIT_OK, Parser, UsageError, add_common_flags, positive_int, run_main
 
 FILTER_SETS = ("keypoints", "box", "axis", "sunglasses", "moustache", "sunglasses,moustache", "blur", "pixelate")
 
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m jobs.make_docs", description=__doc__.split("\n\n")[0])
     p.add_argument("--photo", required=True, help="a photo with faces")
     p.add_argument("--out", default="docs/filters.png", help="PNG to write")
-    p.add_argument("--tile", type=int, default=260, help="side of each picture in the grid, pixels")
+    p.add_argument("--tile", type=positive_int, default=260, help="side of each picture in the grid, pixels")
     add_common_flags(p)
     return p
 

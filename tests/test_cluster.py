@@ -397,6 +397,8 @@ def _subprocess_env() -> dict[str, str]:
     """Our environment minus any Ray setting (e.g. a RAY_ADDRESS meant for something else)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", FKP_VENV=sys.prefix, PYTHONUNBUFFERED="1")
+    # the scripts call `ray`: the one installed with this interpreter, even from a venv that is not activated
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
     return env
 
 

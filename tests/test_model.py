@@ -1,8 +1,10 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
+from fkp_core.backbones import BACKBONES, PRETRAINED, PretrainedError, load_pretrained, pretrained_path
 from fkp_core.model import MODEL_PRESETS, ModelConfig, build_model, count_parameters
 from fkp_core.weights import (
     BUNDLED_MODELS,
@@ -160,3 +162,118 @@ def test_the_fast_models_cost_less_than_the_default():
     assert macs(fastest.model) < 0.5 * macs(fast.model) and macs(fast.model) < 0.6 * macs(default.model)
     for small in (fast, fastest):
         assert small.metadata["trained"]["distill"]["sha256"] == default.metadata["sha256"]  # taught by the default
+
+
+# ---- ImageNet backbones (fkp_core.backbones) ----
+
+
+# layers of each backbone beyond the stride-16 cut of the keypoint presets (file keys they leave unused)
+_BEYOND_CUT = {
+    "mobilenet_v2": lambda k: k.startswith("classifier.") or int(k.split(".")[1]) >= 14,
+    "efficientnet_lite0": lambda k: k.startswith(("_fc.", "_conv_head.", "_bn1.")) or int(k.split(".")[1]) >= 11,
+}
+_PRESET = {"mobilenet_v2": "mnv2", "efficientnet_lite0": "lite0"}
+
+
+def _imagenet_state(name: str) -> dict:
+    try:
+        path = pretrained_path(name)
+    except PretrainedError as exc:
+        pytest.skip(str(exc))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_backbone_loads_its_imagenet_state_dict_every_key_and_shape(name):
+    state = _imagenet_state(name)
+    full = BACKBONES[name](gray=False, num_classes=1000)
+    own = full.state_dict()
+    assert set(own) == set(state)  # every key of the file has its place, and nothing is left uninitialised
+    assert all(own[k].shape == state[k].shape for k in own)
+    full.load_state_dict(state, strict=True)
+    # the keypoint network's gray backbone, cut at stride 16: every tensor comes from the file
+    model = build_model(_PRESET[name], input_size=64)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    unused = model.load_pretrained()
+    assert unused and all(_BEYOND_CUT[name](k) for k in unused)
+    assert set(model.backbone.state_dict()) | set(unused) == set(state)
+    after = model.backbone.state_dict()
+    for k, v in after.items():
+        if v.is_floating_point() and v.numel() > 1 and not k.endswith("running_var"):
+            assert not torch.equal(v, before[k]) or torch.equal(v, state[k]), k
+        if k in state and state[k].shape == v.shape:
+            torch.testing.assert_close(v, state[k])  # copied as is (the stem is folded: see the next test)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_gray_fold_gives_the_rgb_network_on_a_replicated_gray_image(name):
+    state = _imagenet_state(name)
+    rgb = BACKBONES[name](gray=False, num_classes=1000).eval()
+    rgb.load_state_dict(state)
+    gray = BACKBONES[name](gray=True, num_classes=1000).eval()
+    assert load_pretrained(gray, name) == []
+    torch.manual_seed(0)
+    x = torch.nn.functional.avg_pool2d(torch.rand(2, 1, 70, 70), 7, 1)  # smooth gray images in [0, 1], 64 x 64
+    src = PRETRAINED[name]
+    mean, std = torch.tensor(src.mean).view(1, 3, 1, 1), torch.tensor(src.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want_maps = rgb((x.expand(-1, 3, -1, -1) - mean) / std)
+        got_maps = gray(x)
+        want, got = rgb.classify((x.expand(-1, 3, -1, -1) - mean) / std), gray.classify(x)
+    for w, g in zip(want_maps, got_maps):  # borders included: the constant channel carries the padding offsets
+        torch.testing.assert_close(g, w, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    assert got.softmax(-1).argmax(-1).tolist() == want.softmax(-1).argmax(-1).tolist()
+
+
+def test_backbone_model_round_trip_onnx_and_first_conv(tmp_path):
+    from fkp_core.inference import OnnxPredictor
+
+    torch.manual_seed(0)
+    model = build_model("mnv2", input_size=64).eval()
+    assert model.config.upright and model.config.backbone == "mobilenet_v2"
+    path = save_model(model, tmp_path / "mnv2", {"note": "backbone"})
+    loaded = load_model(path)
+    assert loaded.config == model.config
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(loaded.model(x), want)
+    assert want.shape == (2, 68, 2) and want.abs().max() <= 1
+    got = OnnxPredictor(loaded.model, threads=1)(x[:, 0].numpy())
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+    assert model.first_conv(x).shape[1] == 32  # viz draws the gray stem's filters from a 1-channel crop
+
+
+def test_old_bundled_models_keep_their_architecture():
+    for name in BUNDLED_MODELS:
+        cfg = load_model(name).config
+        assert cfg.backbone == "resnet" and not cfg.upright
+
+
+def test_backbone_config_validation():
+    with pytest.raises(ValueError, match="backbone must be"):
+        ModelConfig(backbone="vgg", head="heatmap")
+    with pytest.raises(ValueError, match="needs head='heatmap'"):
+        ModelConfig(backbone="mobilenet_v2", head="fc", input_size=64)
+    with pytest.raises(ValueError, match="divide input_size"):
+        ModelConfig(backbone="mobilenet_v2", head="heatmap", heatmap_stride=8, input_size=72)
+
+
+def test_freezing_keeps_early_layers_and_their_batch_norms():
+    torch.manual_seed(0)
+    model = build_model("mnv2", input_size=64)
+    frozen = model.backbone.freeze(8)
+    assert frozen > 0
+    early = model.backbone.early_modules(8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    assert all(not m.training for m in early) and model.head.training
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = model(torch.rand(4, 1, 64, 64)).square().mean()
+    loss.backward()
+    opt.step()
+    after = model.state_dict()
+    early_keys = {k for k in after if k.startswith("backbone.features.") and int(k.split(".")[2]) < len(early)}
+    assert early_keys and all(torch.equal(after[k], before[k]) for k in early_keys)  # running stats too
+    assert any(not torch.equal(after[k], before[k]) for k in after if k not in early_keys)

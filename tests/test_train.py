@@ -234,3 +234,58 @@ def test_evaluate_reports_the_nme_computed_independently(tmp_path):
     assert report["sources"]["course"]["gt_box"]["nme"] == pytest.approx(float(np.mean(errors)), rel=1e-4)
     assert report["sources"]["course"]["faces"] == 10
     assert (out / "ced.png").is_file() and (out / "course_grid.png").is_file()
+
+
+@pytest.mark.slow
+def test_two_epochs_from_imagenet_weights_with_the_wild_recipe(ray_session, course, tmp_path):
+    from fkp_core.backbones import PretrainedError, pretrained_path
+    from fkp_core.model import build_model
+
+    try:
+        pretrained_path("mobilenet_v2")
+    except PretrainedError as exc:
+        pytest.skip(str(exc))
+    helen = make_ibug_dataset(tmp_path / "helen", n=10)
+    out = tmp_path / "model"
+    tiny = [a for a in TINY if a not in ("--model", "tiny")]
+    code = _main(train, ["--data", f"course:{course}", "--data", f"ibug:{helen}", "--epochs", "2", "--model", "mnv2",
+                         "--input-size", "64", "--pretrained", "--freeze-stride", "4", "--rotation", "8", "--flip", "0.5",
+                         "--occluders", "0.3", "--low-light", "0.2", "--motion-blur", "0.1", "--jpeg", "0.3",
+                         "--output", out, "--name", "p", *tiny])
+    assert code == 0
+    loaded = load_model(out / "p.pt")
+    assert loaded.config.backbone == "mobilenet_v2" and loaded.config.upright and loaded.config.input_size == 64
+    tc = loaded.metadata["trained"]["train_config"]
+    assert tc["pretrained"] and tc["freeze_stride"] == 4 and tc["occluders"] == 0.3 and tc["augment"]["flip"] == 0.5
+    assert loaded.metadata["trained"]["epochs_run"] == 2
+    assert "upright" in loaded.metadata["normalization"]["face_box"]
+    # the run started from ImageNet: the frozen early layers are exactly the folded ImageNet weights,
+    # the layers after them were trained away from those weights
+    ref = build_model("mnv2", input_size=64)
+    ref.load_pretrained()
+    got, want = loaded.model.backbone.state_dict(), ref.backbone.state_dict()
+    early = len(ref.backbone.early_modules(4))
+    frozen = [k for k in want if int(k.split(".")[1]) < early]
+    trained = [k for k in want if int(k.split(".")[1]) >= early and k.endswith("weight")]
+    assert frozen and all(torch.equal(got[k], want[k]) for k in frozen)
+    assert any(not torch.equal(got[k], want[k]) for k in trained)
+    with torch.no_grad():
+        assert loaded.model(torch.rand(1, 1, 64, 64)).shape == (1, 68, 2)
+    # --export-checkpoint writes the same best epoch from the run's checkpoint, without training
+    code = _main(train, ["--export-checkpoint", "--output", tmp_path / "exported", "--storage", (out / "checkpoints").resolve(),
+                         "--name", "p", "-q"])
+    assert code == 0
+    exported = load_model(tmp_path / "exported" / "p.pt")
+    assert exported.metadata["trained"]["best_epoch"] == loaded.metadata["trained"]["best_epoch"]
+    assert "after epoch 2 of 2" in exported.metadata["trained"]["note"]
+    for k, v in loaded.model.state_dict().items():
+        assert torch.equal(exported.model.state_dict()[k], v)
+
+
+def test_pretrained_needs_a_backbone(course, tmp_path, capsys):
+    code = _main(train, ["--data", f"course:{course}", "--model", "hm", "--pretrained", "--output", tmp_path, "-q"])
+    assert code == 2 and "no pretrained backbone" in capsys.readouterr().err
+    code = _main(train, ["--data", f"course:{course}", "--model", "hm", "--freeze-stride", "4", "--output", tmp_path, "-q"])
+    assert code == 2 and "--freeze-stride needs a model with a backbone" in capsys.readouterr().err
+    code = _main(train, ["--export-checkpoint", "--output", tmp_path, "--storage", tmp_path / "none", "--name", "x", "-q"])
+    assert code == 2 and "no checkpoint of run 'x'" in capsys.readouterr().err

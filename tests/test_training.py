@@ -46,3 +46,88 @@ def test_distillation_fits_the_teacher_and_labels_alone_do_not():
     assert plain_after > 2 * after and plain_to_labels < 0.1  # without a teacher the labels win
     _, half_after, half_to_labels = _train(distill_weight=0.5)
     assert after < half_after < plain_after  # the weight moves the network between the two
+
+
+# ---- flips per source, upright crops, the wild augmentations ----
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from conftest import dot_image, grid_keypoints  # noqa: E402
+from fkp_core.constants import FLIP_PERMUTATION  # noqa: E402
+from fkp_core.dataset import Record  # noqa: E402
+from fkp_core.training import make_datasets, wild_transform  # noqa: E402
+from fkp_core.transforms import AugmentConfig, Sample, eye_angle  # noqa: E402
+
+_LEVELS = 60 + 2.5 * np.arange(68)
+_STILL = AugmentConfig(rotation=0.0, scale=(1.0, 1.0), translate=0.0, flip=1.0, box_jitter_scale=0.0, box_jitter_shift=0.0,
+                       photometric=False, occlusion=0.0)
+
+
+def _records(tmp_path, tilt_degrees: float = 0.0) -> list[Record]:
+    import cv2
+
+    kp = grid_keypoints((110.0, 100.0), spacing=14.0)
+    if tilt_degrees:
+        m = cv2.getRotationMatrix2D((110.0, 100.0), tilt_degrees, 1.0)
+        kp = (kp @ m[:, :2].T + m[:, 2]).astype(np.float32)
+    path = tmp_path / f"dots{tilt_degrees:g}.png"
+    cv2.imwrite(str(path), dot_image(kp, (220, 220), radius=4))
+    return [Record(path, kp, "p0", "course", "c"), Record(path, kp, "p1", "helen", "h")]
+
+
+def _labels_under_keypoints(image: torch.Tensor, kp: torch.Tensor) -> np.ndarray:
+    """The label of the disc under each keypoint (nearest gray level), -1 where none."""
+    img = image[0].numpy() * 255
+    size = img.shape[0]
+    px = ((kp.numpy() + 1) * size / 2 - 0.5).round().astype(int)
+    out = []
+    for x, y in px:
+        v = img[y, x] if 0 <= x < size and 0 <= y < size else 0
+        i = int(np.argmin(np.abs(_LEVELS - v)))
+        out.append(i if abs(_LEVELS[i] - v) < 1.0 else -1)
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize("upright", [False, True])
+def test_flips_relabel_300w_samples_and_leave_course_samples_alone(tmp_path, upright):
+    records = _records(tmp_path, tilt_degrees=12.0)
+    cfg = TrainConfig(augment=_STILL)
+    train, _ = make_datasets(records, records, cfg, 224, 0.2, upright=upright, mirror_sources=["helen"])
+    (course_img, course_kp, _), (helen_img, helen_kp, _) = train[0], train[1]
+    # course: not flipped, every point on its own disc
+    assert (_labels_under_keypoints(course_img, course_kp) == np.arange(68)).all()
+    # 300-W: mirrored, and each point relabelled so that it sits on the disc of its mirror partner
+    assert (_labels_under_keypoints(helen_img, helen_kp) == np.asarray(FLIP_PERMUTATION)).all()
+    assert not torch.allclose(course_img, helen_img)
+    np.testing.assert_allclose(helen_kp[:, 0].numpy(), -course_kp[list(FLIP_PERMUTATION), 0].numpy(), atol=2e-3)
+    # and without the flip on: both sources alike
+    plain, _ = make_datasets(records, records, TrainConfig(augment=AugmentConfig(**{**_STILL.__dict__, "flip": 0.0})), 224, 0.2,
+                             upright=upright, mirror_sources=["helen"])
+    assert (_labels_under_keypoints(*plain[1][:2]) == np.arange(68)).all()
+
+
+def test_upright_crops_level_the_eyes_and_validation_uses_them(tmp_path):
+    records = _records(tmp_path, tilt_degrees=25.0)
+    assert abs(np.degrees(eye_angle(records[0].keypoints)) - np.degrees(eye_angle(_records(tmp_path)[0].keypoints))) > 20
+    train, val = make_datasets(records, records, TrainConfig(augment=_STILL), 224, 0.2, upright=True)
+    flat, _ = make_datasets(_records(tmp_path), _records(tmp_path), TrainConfig(augment=_STILL), 224, 0.2, upright=True)
+    for tilted, level in ((train[0], flat[0]), (val[0], flat[0])):
+        np.testing.assert_allclose(tilted[1].numpy(), level[1].numpy(), atol=2e-3)  # same crop whatever the roll
+        assert (_labels_under_keypoints(tilted[0], tilted[1]) == np.arange(68)).all()
+
+
+def test_wild_augmentations_keep_the_labels_and_change_the_pixels(tmp_path):
+    records = _records(tmp_path)
+    cfg = TrainConfig(occluders=1.0, low_light=1.0, motion_blur=1.0, jpeg=1.0, augment=AugmentConfig(**{**_STILL.__dict__, "flip": 0.0}))
+    tf = wild_transform(224, cfg, 0.2, upright=True)
+    plain = wild_transform(224, TrainConfig(augment=cfg.augment), 0.2, upright=True)
+    import cv2
+
+    image = cv2.imread(str(records[0].image_path), cv2.IMREAD_GRAYSCALE)
+    for seed in range(4):
+        a = tf(Sample(image, records[0].keypoints.copy()), np.random.default_rng(seed))
+        b = plain(Sample(image, records[0].keypoints.copy()), np.random.default_rng(seed))
+        np.testing.assert_allclose(a.keypoints, b.keypoints, atol=1e-4)  # photometric and occluders: no geometry
+        assert a.image.dtype == np.float32 and a.image.shape == (224, 224) and 0 <= a.image.min() and a.image.max() <= 1
+        assert np.abs(a.image - b.image).mean() > 0.01
