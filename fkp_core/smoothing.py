@@ -144,55 +144,10 @@ def _advance(state: _State | None, t: float, kp: np.ndarray, cfg: OneEuroConfig)
     return _step(state, t, kp, cfg)
 
 
-class KeypointSmoother:
-    """Per-track One-Euro filters for a video processed frame by frame.
-
-    Call :meth:`smooth` once per face per frame with the video time in seconds. A track unseen
-    for more than ``max_gap_s`` restarts (its next output is its raw input); state of tracks that
-    old is dropped so memory stays bounded over a long video.
-    """
-
-    def __init__(self, config: OneEuroConfig | None = None):
-        self.config = config or OneEuroConfig()
-        self._states: dict[int, _State] = {}
-
-    def smooth(self, track_id: int, t: float, keypoints: np.ndarray) -> np.ndarray:
-        """Smoothed (68, 2) float32 keypoints of ``track_id`` at time ``t`` (seconds, increasing per track)."""
-        kp = _check(keypoints)
-        t = float(t)
-        key = int(track_id)
-        state = self._states.get(key)
-        if state is not None and t <= state.t:
-            raise ValueError(f"track {key}: time {t} is not after the previous one {state.t}")
-        state = _advance(state, t, kp, self.config)
-        self._prune(t)
-        if state is None:  # a missing (non-finite) face: passed through, the track starts over
-            self._states.pop(key, None)
-            return kp.astype(np.float32)
-        self._states[key] = state
-        return state.x.astype(np.float32)
-
-    def _prune(self, now: float) -> None:
-        stale = [k for k, s in self._states.items() if now - s.t > self.config.max_gap_s]
-        for k in stale:
-            del self._states[k]
-
-    def forget(self, track_id: int) -> None:
-        """Drop one track's state (its next input starts it over)."""
-        self._states.pop(int(track_id), None)
-
-    def reset(self) -> None:
-        """Drop every track (after a scene cut)."""
-        self._states.clear()
-
-    def __len__(self) -> int:
-        return len(self._states)
-
-
 def smooth_track(times: np.ndarray, keypoints: np.ndarray, config: OneEuroConfig | None = None) -> np.ndarray:
     """Smooth one whole track offline: times (T,) seconds increasing, keypoints (T, 68, 2) -> (T, 68, 2) float32.
 
-    The same causal filter as :class:`KeypointSmoother` (a gap longer than ``max_gap_s`` restarts it).
+    A causal filter, as if the track were smoothed frame by frame (a gap longer than ``max_gap_s`` restarts it).
     """
     cfg = config or OneEuroConfig()
     times = np.asarray(times, dtype=np.float64).reshape(-1)

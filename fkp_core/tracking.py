@@ -29,7 +29,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -249,14 +248,6 @@ class _Track:
         return _shift_box(self.box, last, kp), kp
 
 
-class Predicted(NamedTuple):
-    """Where the live tracks are expected at a frame: ids (M,) int64, boxes (M, 4), keypoints (M, 68, 2)."""
-
-    track_ids: np.ndarray
-    boxes: np.ndarray
-    keypoints: np.ndarray
-
-
 class Tracker:
     """Give each face of each frame a track id (int64, allocated 0, 1, 2, ... in order of creation).
 
@@ -273,18 +264,6 @@ class Tracker:
 
     def _live(self, frame_index: int) -> list[_Track]:
         return [t for t in self._tracks if frame_index - t.last_frame - 1 <= self.config.max_gap]
-
-    def predict(self, frame_index: int) -> Predicted:
-        """The live tracks at ``frame_index`` (for the fast path's crops) without changing anything."""
-        live = self._live(frame_index)
-        if not live:
-            return Predicted(np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros((0, NUM_KEYPOINTS, 2)))
-        preds = [t.predict(frame_index) for t in live]
-        return Predicted(
-            np.array([t.track_id for t in live], np.int64),
-            np.stack([b for b, _ in preds]),
-            np.stack([k for _, k in preds]),
-        )
 
     def update(
         self, frame_index: int, boxes: np.ndarray, keypoints: np.ndarray, continues: np.ndarray | None = None
@@ -411,16 +390,6 @@ def cut_score(a: np.ndarray, b: np.ndarray) -> float:
     tone = float(np.sqrt(np.clip(1.0 - np.sqrt(ha * hb).sum(axis=-1), 0.0, 1.0)).mean())
     layout = 1.0 - float(a[_HIST_LEN:] @ b[_HIST_LEN:])
     return min(tone / CUT_TONE_DISTANCE, layout / CUT_LAYOUT_DISTANCE)
-
-
-def is_scene_cut(prev_gray: np.ndarray, gray: np.ndarray, threshold: float = SCENE_CUT_THRESHOLD) -> bool:
-    """True when two consecutive frames belong to different shots (the tracker should :meth:`~Tracker.reset`).
-
-    Tones and layout of small thumbnails must both change (see :data:`CUT_TONE_DISTANCE`): robust
-    to motion, noise and flashes inside a shot; a cut between two shots of very similar tones, or
-    of very similar layout, can be missed.
-    """
-    return cut_score(frame_signature(prev_gray), frame_signature(gray)) > threshold
 
 
 # --------------------------------------------------------------------------------------------

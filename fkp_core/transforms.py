@@ -261,44 +261,7 @@ def materialize(sample: Sample, interpolation: int = cv2.INTER_LINEAR, border: i
     return Sample(image=image, keypoints=keypoints, box=box)
 
 
-# ---- deterministic geometry: the seeds' pipeline and the face crop ----
-
-
-class Rescale:
-    """Scale so the shorter side is ``size`` (int) or to exactly (w, h) (tuple), as the seeds' Rescale."""
-
-    def __init__(self, size: int | tuple[int, int]):
-        self.size = size
-
-    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
-        w, h = sample.size
-        if isinstance(self.size, int):
-            if h > w:
-                new_w, new_h = self.size, self.size * h / w
-            else:
-                new_w, new_h = self.size * w / h, self.size
-            new_w, new_h = int(round(new_w)), int(round(new_h))
-        else:
-            new_w, new_h = self.size
-        sx, sy = new_w / w, new_h / h
-        m = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]])
-        return sample.then(m, (new_w, new_h))
-
-
-class RandomCrop:
-    """Cut a random ``size`` x ``size`` window, as the seeds' RandomCrop."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
-        w, h = sample.size
-        if w < self.size or h < self.size:
-            raise ValueError(f"cannot crop {self.size} from an image of {w}x{h}")
-        left = int(rng.integers(0, w - self.size + 1))
-        top = int(rng.integers(0, h - self.size + 1))
-        m = np.array([[1, 0, -left], [0, 1, -top], [0, 0, 1]], dtype=np.float64)
-        return sample.then(m, (self.size, self.size))
+# ---- the face crop ----
 
 
 class FaceCrop:
@@ -550,11 +513,6 @@ def train_transform(size: int, aug: AugmentConfig = AugmentConfig(), margin: flo
 def eval_transform(size: int, margin: float = CROP_MARGIN) -> Compose:
     """The inference view: the face crop of the sample's box (or keypoint box), nothing random."""
     return Compose([FaceCrop(size, margin), Warp(), ToFloat()])
-
-
-def seed_transform(rescale: int = 250, crop: int = 224) -> Compose:
-    """The course notebooks' pipeline: Rescale(250), RandomCrop(224), gray [0, 1]."""
-    return Compose([Rescale(rescale), RandomCrop(crop), Warp(), ToFloat()])
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,3 +34,19 @@ def test_annotate_bench_saves_fps_ratios_and_stages(tmp_path, capsys):
     assert per_frame[1] < per_frame[0] / 2
     assert "--model fast" in saved["command"]
     assert "x decode-only" in capsys.readouterr().out
+
+
+def test_detector_bench_counts_faces_by_threshold(tmp_path, real_data):
+    """The sample clip (one face on each of its 320 frames) and drawn course faces, through `jobs.bench detector`."""
+    from conftest import make_course_dataset
+
+    out = tmp_path / "det.json"
+    data = make_course_dataset(tmp_path / "course", n=6)
+    assert bench.main(["detector", str(SAMPLE), "--data", f"course:{data}", "--every", "1", "--thresholds", "0.5,0.99",
+                       "--json", str(out), "-q"]) == 0
+    (entry,) = json.loads(out.read_text())["results"]
+    counts = entry["clips"]["sample.mp4"]
+    assert counts["0.5"] == {"faces": 320, "most_in_a_frame": 1}
+    assert counts["0.99"]["faces"] < 320  # a stricter threshold keeps fewer
+    assert set(entry["labelled_found"]) == {"0.5", "0.99"}
+    assert bench.main(["detector", str(SAMPLE), "--data", f"ibug:{real_data / '300w' / 'afw'}", "-q"]) == 2  # never AFW

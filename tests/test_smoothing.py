@@ -3,7 +3,7 @@ import pytest
 
 from conftest import mean_face
 from fkp_core.metrics import interocular
-from fkp_core.smoothing import KeypointSmoother, OneEuroConfig, smooth_track
+from fkp_core.smoothing import OneEuroConfig, smooth_track
 
 FPS = 30.0
 FACE = 100  # mean_face width; its Haar-like box side (the "face size") is ~100 px, its IOD 58 px
@@ -123,34 +123,6 @@ def test_gap_restarts_the_filter():
     assert np.abs(out[19] - noisy[19]).max() > 1e-3  # smoothed before the gap
     short = smooth_track(np.arange(40) / FPS, noisy)
     assert np.abs(short[20] - noisy[20]).max() > 1e-3
-
-
-def test_keypoint_smoother_tracks_are_independent_and_match_smooth_track():
-    ta, _, a = moving_face(60, seed=3)
-    tb, _, b = still_face(60, seed=4)
-    smoother = KeypointSmoother()
-    out_a, out_b = [], []
-    for i in range(60):
-        out_a.append(smoother.smooth(7, ta[i], a[i]))
-        out_b.append(smoother.smooth(9, tb[i], b[i]))
-    assert len(smoother) == 2
-    np.testing.assert_allclose(np.stack(out_a), smooth_track(ta, a), atol=1e-4)
-    np.testing.assert_allclose(np.stack(out_b), smooth_track(tb, b), atol=1e-4)
-    assert out_a[0].dtype == np.float32 and out_a[0].shape == (68, 2)
-    with pytest.raises(ValueError):
-        smoother.smooth(7, ta[59], a[59])  # time must move forward
-    # a missing face (NaN) passes through and the track starts over
-    nan = np.full((68, 2), np.nan)
-    assert np.isnan(smoother.smooth(7, ta[59] + 0.03, nan)).all()
-    np.testing.assert_allclose(smoother.smooth(7, ta[59] + 0.06, a[0]), a[0], atol=1e-4)
-    # tracks unseen for longer than max_gap_s are dropped
-    smoother.smooth(1, ta[59] + 5.0, a[0])
-    assert len(smoother) == 1
-    smoother.forget(1)
-    assert len(smoother) == 0
-    smoother.smooth(2, 100.0, a[0])
-    smoother.reset()
-    assert len(smoother) == 0
 
 
 def test_config_and_input_validation():

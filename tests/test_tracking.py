@@ -16,7 +16,6 @@ from fkp_core.tracking import (
     face_size,
     frame_signature,
     global_track_ids,
-    is_scene_cut,
     keypoint_consistency,
     linear_assignment,
     stitch_segments,
@@ -178,18 +177,6 @@ def test_frames_must_increase_and_shapes_must_agree():
         tracker.update(6, np.zeros((2, 4)), kp)
 
 
-def test_predict_extrapolates_live_tracks():
-    tracker = Tracker()
-    for f in range(4):
-        kp = face_at((100 + 10 * f, 200))[None]
-        tracker.update(f, box_from_keypoints(kp), kp)
-    pred = tracker.predict(6)
-    assert pred.track_ids.tolist() == [0]
-    np.testing.assert_allclose(pred.keypoints[0], face_at((160, 200)), atol=1e-4)
-    np.testing.assert_allclose(pred.boxes[0], box_from_keypoints(face_at((160, 200))), atol=1e-4)
-    assert len(tracker.predict(3 + 1 + TrackerConfig().max_gap + 1).track_ids) == 0  # too long unseen
-
-
 # ---- scene cuts ----
 
 
@@ -198,6 +185,11 @@ def _natural(seed: int, shift: int = 0) -> np.ndarray:
     r = np.random.default_rng(seed)
     img = cv2.resize(r.integers(0, 256, (6, 8)).astype(np.uint8), (400, 240), interpolation=cv2.INTER_CUBIC)
     return cv2.GaussianBlur(img, (0, 0), 3)[:, shift : shift + 320]
+
+
+def is_scene_cut(prev_gray, gray) -> bool:
+    """The segment annotator's test between consecutive frames (fkp_core.annotator)."""
+    return cut_score(frame_signature(prev_gray), frame_signature(gray)) > SCENE_CUT_THRESHOLD
 
 
 def test_scene_cut_detection():

@@ -10,7 +10,6 @@ from fkp_core.transforms import (
     FaceCrop,
     RandomBlur,
     RandomBrightnessContrast,
-    RandomCrop,
     RandomDownscale,
     RandomHorizontalFlip,
     RandomNoise,
@@ -18,7 +17,6 @@ from fkp_core.transforms import (
     RandomRotation,
     RandomScale,
     RandomTranslate,
-    Rescale,
     Sample,
     ToFloat,
     Warp,
@@ -28,7 +26,6 @@ from fkp_core.transforms import (
     crop_matrix,
     denormalize_keypoints,
     normalize_keypoints,
-    seed_transform,
     to_tensors,
     train_transform,
     uncrop_keypoints,
@@ -67,15 +64,11 @@ def dot_sample(shape=(200, 220)) -> Sample:
 
 
 GEOMETRIC = {
-    "rescale": [Rescale(150)],
-    "rescale_tuple": [Rescale((180, 240))],
-    "random_crop": [RandomCrop(150)],
     "face_crop": [FaceCrop(96, jitter_scale=0.1, jitter_shift=0.05)],
     "rotation": [RandomRotation(40)],
     "scale": [RandomScale(0.8, 1.25)],
     "translate": [RandomTranslate(0.1)],
     "flip": [RandomHorizontalFlip(p=1.0)],
-    "seed_pipeline": [Rescale(250), RandomCrop(224)],
     "all_geometry": [FaceCrop(128, 0.2, 0.1, 0.05), RandomRotation(30), RandomScale(0.9, 1.1), RandomTranslate(0.05), RandomHorizontalFlip(1.0)],
 }
 
@@ -175,18 +168,6 @@ def test_train_transform_outputs_model_tensors():
     assert 0 <= float(image.min()) and float(image.max()) <= 1
     assert target.shape == (NUM_KEYPOINTS, 2)
     assert float(target.abs().max()) < 1.5  # on the crop, give or take the augmentation
-
-
-def test_seed_pipeline_shapes():
-    kp = mean_face(150, (160, 140))
-    out = seed_transform()(Sample(dot_image(kp, (280, 320)), kp), np.random.default_rng(0))
-    assert out.image.shape == (224, 224)
-    assert out.image.dtype == np.float32
-
-
-def test_random_crop_too_small_raises():
-    with pytest.raises(ValueError, match="cannot crop"):
-        Compose([RandomCrop(500)])(dot_sample(), np.random.default_rng(0))
 
 
 def test_bad_box_raises():
