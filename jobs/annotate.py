@@ -516,8 +516,6 @@ def _settings(args: argparse.Namespace, device: str) -> Settings:
     from fkp_core.filters import parse_filters
     from fkp_core.weights import resolve_model_path
 
-    if (args.segment_frames is not None and args.segment_frames < 1) or args.detect_every < 1 or args.refine < 0 or args.min_face < 1:
-        raise UsageError("--segment-frames, --detect-every and --min-face must be >= 1, --refine >= 0")
     try:
         filters = tuple(parse_filters(args.filter))
     except ValueError as exc:
