@@ -27,3 +27,6 @@ def test_the_wheel_carries_every_bundled_model_file(tmp_path):
         if path.is_file() and "__pycache__" not in path.parts:
             assert f"fkp_core/{path.relative_to(assets.parent).as_posix()}" in names, path
     assert "fkp_core/assets/yunet/LICENSE" in names and "fkp_core/assets/yunet/yunet_n_640_640.onnx" in names
+    # every module of the library, those of its sub-packages included (setuptools lists packages one by one)
+    for module in sorted((PROJECT_ROOT / "fkp_core").rglob("*.py")):
+        assert module.relative_to(PROJECT_ROOT).as_posix() in names, module
