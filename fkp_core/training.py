@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from fkp_core.augment import RandomFaceOccluder, RandomJpeg, RandomLowLight, RandomMotionBlur, UprightFaceCrop
 from fkp_core.dataset import Record, read_image
 from fkp_core.metrics import nme
 from fkp_core.transforms import (
@@ -25,11 +26,7 @@ from fkp_core.transforms import (
     RandomBlur,
     RandomBrightnessContrast,
     RandomDownscale,
-    RandomFaceOccluder,
     RandomHorizontalFlip,
-    RandomJpeg,
-    RandomLowLight,
-    RandomMotionBlur,
     RandomNoise,
     RandomOcclusion,
     RandomRotation,
@@ -38,7 +35,6 @@ from fkp_core.transforms import (
     Sample,
     ToFloat,
     Transform,
-    UprightFaceCrop,
     Warp,
     eval_transform,
     to_tensors,
