@@ -80,3 +80,6 @@ SUBNASALE = 33  # the nose bottom's centre
 LEFT_NOSTRIL = 35
 RIGHT_EYE_INNER = 39
 LEFT_EYE_INNER = 42
+
+# Training: the metric that picks a run's best epoch (mean validation NME over the training sources).
+SELECTION_METRIC = "val_nme"

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -16,7 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fkp_core.augment import RandomFaceOccluder, RandomJpeg, RandomLowLight, RandomMotionBlur, UprightFaceCrop
-from fkp_core.dataset import Record, read_image
+from fkp_core.constants import SELECTION_METRIC
+from fkp_core.dataset import DatasetError, DataSource, Record, read_image, split_by_identity
 from fkp_core.metrics import nme
 from fkp_core.transforms import (
     CROP_MARGIN,
@@ -322,3 +324,99 @@ def make_datasets(
     train = KeypointDataset(train_records, base, cfg.seed, names, per_source)
     val = KeypointDataset(val_records, val_tf, cfg.seed, names)
     return train, val
+
+
+# ---- one run: records, the network, loaders, resumable state, epoch bookkeeping ---------------------
+
+def split_records(train_sources: Sequence[DataSource], val_sources: Sequence[DataSource],
+                  val_fraction: float) -> tuple[list[Record], list[Record]]:
+    """(training, validation) records: each training source split by identity, validation-only sources whole."""
+    train_records, val_records = [], []
+    for src in train_sources:
+        tr, va = split_by_identity(src.read("training"), val_fraction)
+        train_records += tr
+        val_records += va
+    for src in val_sources:
+        val_records += src.read("training") if src.kind == "course" else src.read()
+    return train_records, val_records
+
+
+def check_split(src: DataSource, records: Sequence[Record], val_fraction: float) -> None:
+    """DatasetError when ``val_fraction`` leaves a training source without identities on either side of its split."""
+    fit, held = split_by_identity(records, val_fraction)
+    if not fit or not held:
+        people = len({r.person for r in records})
+        raise DatasetError(
+            f"{src.label}: --val-fraction {val_fraction} leaves {'no' if not held else 'only'} validation "
+            f"identities among its {people} people: raise --val-fraction or add data"
+        )
+
+
+def initial_model(cfg: TrainConfig, log: logging.Logger | None = None) -> nn.Module:
+    """The network a run starts from: a release model's (``init``), or the preset's, with ImageNet weights
+    (``pretrained``) and frozen early layers (``freeze_stride``) as configured; ``log`` hears what was done."""
+    from fkp_core.model import build_model
+    from fkp_core.weights import load_model
+
+    if cfg.init:
+        return _frozen(load_model(cfg.init).model.train(), cfg, log)
+    preset = build_model(cfg.model, **({"input_size": cfg.input_size} if cfg.input_size else {}))
+    if cfg.pretrained:
+        unused = preset.load_pretrained()
+        if log is not None:
+            log.info("backbone %s initialised from ImageNet weights (%d tensors of the file beyond the cut unused)",
+                     preset.config.backbone, len(unused))
+    return _frozen(preset, cfg, log)
+
+
+def _frozen(model: nn.Module, cfg: TrainConfig, log: logging.Logger | None) -> nn.Module:
+    if cfg.freeze_stride:
+        frozen = model.backbone.freeze(cfg.freeze_stride)
+        if log is not None:
+            log.info("backbone layers up to stride %d frozen (%d parameters)", cfg.freeze_stride, frozen)
+    return model
+
+
+def make_loaders(train_ds: Dataset, val_ds: Dataset, sampler: Sampler, batch_size: int, loader_workers: int,
+                 device: torch.device) -> tuple[DataLoader, DataLoader]:
+    """The training loader (whole batches drawn by ``sampler``) and the validation loader (in order)."""
+    common = dict(num_workers=loader_workers, persistent_workers=loader_workers > 0, pin_memory=device.type == "cuda",
+                  worker_init_fn=loader_worker_init if loader_workers > 0 else None)
+    train_loader = DataLoader(train_ds, batch_size=batch_size, sampler=sampler, drop_last=True, **common)
+    val_loader = DataLoader(val_ds, batch_size=256, shuffle=False, **common)
+    return train_loader, val_loader
+
+
+def load_teacher(path: str, device: torch.device) -> nn.Module:
+    """A distillation teacher: a release model in eval mode with no gradients."""
+    from fkp_core.weights import load_model
+
+    teacher = load_model(path, device=str(device)).model.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def epoch_metrics(epoch: int, stats: dict, per_source: dict[str, float], train_names: Sequence[str], workers: int,
+                  lr: float) -> dict:
+    """What an epoch reports: loss, speed over all workers, learning rate, per-source validation NME and
+    :data:`SELECTION_METRIC`, their mean over the training sources."""
+    selection = float(np.mean([per_source[n] for n in train_names if n in per_source])) if per_source else float("nan")
+    return {
+        "epoch": epoch,
+        "loss": stats["loss"],
+        "images_per_s": stats["images_per_s"] * workers,
+        "lr": lr,
+        SELECTION_METRIC: selection,
+        **{f"val_nme/{k}": v for k, v in per_source.items()},
+    }
+
+
+def best_record(metrics: dict) -> dict:
+    """The part of an epoch's metrics kept as the best epoch: its number and its validation NMEs."""
+    return {k: v for k, v in metrics.items() if k in ("epoch", SELECTION_METRIC) or k.startswith("val_nme/")}
+
+
+def cpu_state(model: nn.Module) -> dict:
+    """A detached CPU copy of the model's weights (the best epoch's, kept while training goes on)."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fkp_core.constants import SELECTION_METRIC
 from jobs.common import EXIT_FAILED, EXIT_OK, Parser, UsageError, add_common_flags, init_ray, load_model_arg, run_main, use_gpus
 
 log = logging.getLogger("fkp.train")
@@ -34,7 +35,6 @@ log = logging.getLogger("fkp.train")
 PUBLIC_ARCHIVE_URL = (
     "https://s3.amazonaws.com/video.udacity-data.com/topher/2018/May/5aea1b91_train-test-data/train-test-data.zip"
 )
-SELECTION_METRIC = "val_nme"
 
 
 def default_data_dir() -> Path:
@@ -169,6 +169,23 @@ def download_course_data(url: str, dest: Path) -> Path:
 
 def resolve_sources(args: argparse.Namespace):
     """The training and validation-only sources named by the flags, checked to exist."""
+    from fkp_core.dataset import DatasetError
+    from fkp_core.training import check_split
+
+    train, val = _parse_sources(args)
+    for src in train + val:  # read once here: a bad row or image fails now, in one line, not in every worker
+        try:
+            records = src.read("training") if src.kind == "course" else src.read()
+            if src in train:
+                check_split(src, records, args.val_fraction)
+        except DatasetError as exc:
+            raise UsageError(str(exc)) from None
+        log.info("data source %s (%s): %d faces, weight %g", src.label, src.path, len(records), src.weight)
+    return train, val
+
+
+def _parse_sources(args: argparse.Namespace):
+    """``--data`` (default: the data dir, downloaded first with ``--download``) and ``--val-data`` as sources with distinct names."""
     from fkp_core.dataset import DatasetError, parse_source
 
     specs = args.data or [str(default_data_dir())]
@@ -189,22 +206,6 @@ def resolve_sources(args: argparse.Namespace):
     labels = [s.label for s in train + val]
     if len(set(labels)) != len(labels):
         raise UsageError(f"data sources need distinct names, got {labels}")
-    from fkp_core.dataset import split_by_identity
-
-    for src in train + val:  # read once here: a bad row or image fails now, in one line, not in every worker
-        try:
-            records = src.read("training") if src.kind == "course" else src.read()
-        except DatasetError as exc:
-            raise UsageError(str(exc)) from None
-        if src in train:
-            fit, held = split_by_identity(records, args.val_fraction)
-            if not fit or not held:
-                people = len({r.person for r in records})
-                raise UsageError(
-                    f"{src.label}: --val-fraction {args.val_fraction} leaves {'no' if not held else 'only'} validation "
-                    f"identities among its {people} people: raise --val-fraction or add data"
-                )
-        log.info("data source %s (%s): %d faces, weight %g", src.label, src.path, len(records), src.weight)
     return train, val
 
 
@@ -218,25 +219,27 @@ def _source_dicts(sources) -> list[dict]:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import numpy as np
+    """One Ray Train worker: its shard of every epoch, validation, and (rank 0) the checkpoint."""
     import ray.train
     import ray.train.torch
     import torch
-    from torch.utils.data import DataLoader
 
-    from fkp_core.dataset import DataSource, split_by_identity
-    from fkp_core.model import build_model
     from fkp_core.training import (
         TrainConfig,
         WeightedDistributedSampler,
-        loader_worker_init,
+        best_record,
+        cpu_state,
+        epoch_metrics,
+        initial_model,
+        load_teacher,
         make_datasets,
+        make_loaders,
         make_optimizer,
         source_weights,
+        split_records,
         train_epoch,
         validation_nme,
     )
-    from fkp_core.weights import load_model
 
     cfg = TrainConfig.from_dict(config["train"])
     ctx = ray.train.get_context()
@@ -248,100 +251,79 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
 
-    train_sources = [DataSource(**{**s, "path": Path(s["path"])}) for s in config["sources"]]
-    val_sources = [DataSource(**{**s, "path": Path(s["path"])}) for s in config["val_sources"]]
-    train_records, val_records = [], []
-    for src in train_sources:
-        tr, va = split_by_identity(src.read("training"), cfg.val_fraction)
-        train_records += tr
-        val_records += va
-    for src in val_sources:
-        val_records += src.read("training") if src.kind == "course" else src.read()
-
-    if cfg.init:
-        preset = load_model(cfg.init).model.train()
-    else:
-        preset = build_model(cfg.model, **({"input_size": cfg.input_size} if cfg.input_size else {}))
-        if cfg.pretrained:
-            unused = preset.load_pretrained()
-            if rank == 0:
-                wlog.info("backbone %s initialised from ImageNet weights (%d tensors of the file beyond the cut unused)",
-                          preset.config.backbone, len(unused))
-    if cfg.freeze_stride:
-        frozen = preset.backbone.freeze(cfg.freeze_stride)
-        if rank == 0:
-            wlog.info("backbone layers up to stride %d frozen (%d parameters)", cfg.freeze_stride, frozen)
+    train_sources, val_sources = _sources(config["sources"]), _sources(config["val_sources"])
+    train_records, val_records = split_records(train_sources, val_sources, cfg.val_fraction)
+    preset = initial_model(cfg, wlog if rank == 0 else None)
     mcfg = preset.config
     mirror = [s.label for s in train_sources if s.kind == "ibug"]  # 300-W labels are mirror-symmetric, the course's are not
     train_ds, val_ds = make_datasets(train_records, val_records, cfg, mcfg.input_size, mcfg.crop_margin, mcfg.upright, mirror)
     weights = source_weights(train_records, {s.label: s.weight for s in train_sources})
     sampler = WeightedDistributedSampler(weights, len(train_records), rank, world, cfg.seed)
-    loader_workers = config["loader_workers"]
-    common = dict(num_workers=loader_workers, persistent_workers=loader_workers > 0, pin_memory=device.type == "cuda",
-                  worker_init_fn=loader_worker_init if loader_workers > 0 else None)
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
-    val_loader = DataLoader(val_ds, batch_size=256, shuffle=False, **common)
+    train_loader, val_loader = make_loaders(train_ds, val_ds, sampler, cfg.batch_size, config["loader_workers"], device)
 
-    teacher = None
-    if cfg.distill:
-        teacher = load_model(cfg.distill, device=str(device)).model.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+    teacher = load_teacher(cfg.distill, device) if cfg.distill else None
     model = ray.train.torch.prepare_model(preset)  # moves to the worker's device, wraps in DDP when world > 1
     core = model.module if hasattr(model, "module") else model
     optimizer, scheduler = make_optimizer(model, cfg, len(train_loader))
-
-    start_epoch, best = 0, {"epoch": -1, SELECTION_METRIC: float("inf")}
-    best_state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckdir:
-            state = torch.load(Path(ckdir) / "state.pt", map_location=device, weights_only=True)
-            core.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            best_state = torch.load(Path(ckdir) / "best.pt", map_location="cpu", weights_only=True)
-            meta = json.loads((Path(ckdir) / "progress.json").read_text())
-        if meta["train"] != json.loads(json.dumps(config["train"])):
-            raise RuntimeError("the checkpoint under this --storage/--name was made with other settings: use another --name")
-        start_epoch, best = meta["epoch"] + 1, meta["best"]
-        if rank == 0:
-            wlog.info("resuming from epoch %d (best so far: epoch %d, val NME %.4f)", start_epoch, best["epoch"], best[SELECTION_METRIC])
+    start_epoch, best, best_state = _resume(config, core, optimizer, scheduler, device, wlog if rank == 0 else None)
 
     train_names = [s.label for s in train_sources]
+    counts = {"train": len(train_records), "val": len(val_records)}
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
         stats = train_epoch(model, train_loader, optimizer, scheduler, cfg.loss, device, teacher, cfg.distill_weight)
         per_source = validation_nme(core, val_loader, device, val_ds.sources)
-        selection = float(np.mean([per_source[n] for n in train_names if n in per_source])) if per_source else float("nan")
-        metrics = {
-            "epoch": epoch,
-            "loss": stats["loss"],
-            "images_per_s": stats["images_per_s"] * world,
-            "lr": scheduler.get_last_lr()[0],
-            SELECTION_METRIC: selection,
-            **{f"val_nme/{k}": v for k, v in per_source.items()},
-        }
-        improved = selection < best[SELECTION_METRIC]
+        metrics = epoch_metrics(epoch, stats, per_source, train_names, world, scheduler.get_last_lr()[0])
+        improved = metrics[SELECTION_METRIC] < best[SELECTION_METRIC]
         if improved:
-            best = {"epoch": epoch, SELECTION_METRIC: selection, **{f"val_nme/{k}": v for k, v in per_source.items()}}
-            best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
+            best, best_state = best_record(metrics), cpu_state(core)
         if rank == 0:
             wlog.info(
                 "epoch %d/%d  loss %.4f  val NME %s  %s%.0f img/s",
                 epoch + 1, cfg.epochs, stats["loss"],
                 " ".join(f"{k}={v:.4f}" for k, v in per_source.items()), "(best) " if improved else "", metrics["images_per_s"],
             )
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, Path(tmp) / "state.pt")
-                torch.save(best_state, Path(tmp) / "best.pt")
-                progress = {"epoch": epoch, "best": best, "train": config["train"], "model_config": core.config.to_dict(),
-                            "counts": {"train": len(train_records), "val": len(val_records)}}
-                (Path(tmp) / "progress.json").write_text(json.dumps(progress))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            progress = {"epoch": epoch, "best": best, "train": config["train"], "model_config": core.config.to_dict(),
+                        "counts": counts}
+            _report_with_checkpoint(metrics, core, optimizer, scheduler, best_state, progress)
         else:
             ray.train.report(metrics)
+
+
+def _sources(dicts: list[dict]) -> list:
+    from fkp_core.dataset import DataSource
+
+    return [DataSource(**{**s, "path": Path(s["path"])}) for s in dicts]
+
+
+def _resume(config: dict[str, Any], core, optimizer, scheduler, device, wlog: logging.Logger | None) -> tuple[int, dict, dict | None]:
+    """(first epoch, best epoch so far, its weights): from the run's last checkpoint, else a fresh start."""
+    import ray.train
+
+    from fkp_core.checkpoints import load_state
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return 0, {"epoch": -1, SELECTION_METRIC: float("inf")}, None
+    with checkpoint.as_directory() as ckdir:
+        best_state, meta = load_state(Path(ckdir), core, optimizer, scheduler, device)
+    if meta["train"] != json.loads(json.dumps(config["train"])):
+        raise RuntimeError("the checkpoint under this --storage/--name was made with other settings: use another --name")
+    if wlog is not None:
+        wlog.info("resuming from epoch %d (best so far: epoch %d, val NME %.4f)", meta["epoch"] + 1, meta["best"]["epoch"],
+                  meta["best"][SELECTION_METRIC])
+    return meta["epoch"] + 1, meta["best"], best_state
+
+
+def _report_with_checkpoint(metrics: dict, core, optimizer, scheduler, best_state: dict | None, progress: dict) -> None:
+    import ray.train
+
+    from fkp_core.checkpoints import save_state
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_state(Path(tmp), core, optimizer, scheduler, best_state, progress)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 # ------------------------------------------------------------------------------------------
@@ -356,35 +338,6 @@ def _worker_plan(args: argparse.Namespace, mode: str) -> tuple[int, bool]:
     if use_gpu:
         return max(1, int(resources.get("GPU", 0) // args.gpus_per_worker)), True
     return max(1, int(resources.get("CPU", 1) // args.cpus_per_worker)), False
-
-
-def export_release(checkpoint_dir: Path, output: Path, name: str, extra: dict[str, Any]) -> Path:
-    """Write the best weights of a finished run's checkpoint as a release model."""
-    import torch
-
-    from fkp_core.model import KeypointNet, ModelConfig
-    from fkp_core.weights import save_model
-
-    progress = json.loads((checkpoint_dir / "progress.json").read_text())
-    model = KeypointNet(ModelConfig.from_dict(progress["model_config"]))
-    model.load_state_dict(torch.load(checkpoint_dir / "best.pt", map_location="cpu", weights_only=True))
-    meta = {
-        "trained": {
-            **extra,
-            "train_config": progress["train"],
-            "epochs_run": progress["epoch"] + 1,
-            "best_epoch": progress["best"]["epoch"] + 1,
-            "samples": progress["counts"],
-        },
-        "metrics": {"validation": {k: v for k, v in progress["best"].items() if k != "epoch"}},
-        "normalization": {
-            "input": "gray in [0, 1], then (x - input_mean) / input_std inside the network",
-            "keypoints": "[-1, 1] over the square face crop (crop_margin around the face box)",
-            "face_box": "fkp_core.transforms.face_frame (upright: eyes level)" if model.config.upright
-            else "fkp_core.transforms.box_from_keypoints (Haar-like framing)",
-        },
-    }
-    return save_model(model, output / name, meta)
 
 
 def _resolve_init(args: argparse.Namespace) -> tuple[str | None, dict | None]:
@@ -447,21 +400,10 @@ def _resolve_distill(args: argparse.Namespace, parent: dict | None) -> tuple[str
     return str(path), teacher.metadata
 
 
-def newest_checkpoint(storage: Path, name: str) -> Path | None:
-    """The checkpoint folder of a run (local storage) holding the latest epoch, or None."""
-    best, epoch = None, -1
-    for progress in (storage / name).glob("**/progress.json"):
-        try:
-            e = json.loads(progress.read_text())["epoch"]
-        except (OSError, ValueError, KeyError):
-            continue  # being written
-        if e > epoch and (progress.parent / "best.pt").is_file():
-            best, epoch = progress.parent, e
-    return best
-
-
 def export_checkpoint(args: argparse.Namespace) -> int:
     """``--export-checkpoint``: the release model from a run's newest checkpoint, without training."""
+    from fkp_core.checkpoints import export_release, newest_checkpoint
+
     output = Path(args.output)
     storage = Path(args.storage) if args.storage else (output / "checkpoints").resolve()
     if "://" in str(args.storage or "") or "://" in args.output:
@@ -486,11 +428,52 @@ def export_checkpoint(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fkp_core.training import TrainConfig
-    from fkp_core.transforms import AugmentConfig
-
     if args.export_checkpoint:
         return export_checkpoint(args)
+    _check_args(args)
+    init, parent = _resolve_init(args)
+    _check_pretrained(args, parent)
+    distill, teacher_meta = _resolve_distill(args, parent)
+    train_sources, val_sources = resolve_sources(args)
+    remote_output, output, storage = _prepare_output(args)
+    cfg = _train_config(args, init, distill, parent)
+    import ray
+    import ray.train
+
+    mode = init_ray()
+    num_workers, use_gpu = _worker_plan(args, mode)
+    log.info("training %s on %d %s worker(s) (%s Ray), checkpoints in %s/%s", init or cfg.model, num_workers,
+             "GPU" if use_gpu else "CPU", mode, storage, args.name)
+    trainer = _trainer(args, cfg, train_sources, val_sources, storage, num_workers, use_gpu)
+    started = time.time()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        log.error("training failed: %s", exc)
+        return EXIT_FAILED
+    if result.checkpoint is None:
+        log.error("training produced no checkpoint")
+        return EXIT_FAILED
+    extra = _release_extra(args, train_sources, val_sources, num_workers, use_gpu, started)
+    if parent:
+        extra["init"] = {"path": init, "sha256": parent.get("sha256"), "trained": parent.get("trained", {})}
+    if teacher_meta:
+        extra["distill"] = {"path": distill, "sha256": teacher_meta.get("sha256"), "weight": args.distill_weight,
+                            "teacher_validation": teacher_meta.get("metrics", {}).get("validation")}
+    from fkp_core.checkpoints import export_release
+
+    with tempfile.TemporaryDirectory() as tmp, result.checkpoint.as_directory() as ckdir:
+        path = export_release(Path(ckdir), Path(tmp) if remote_output else output, args.name, extra)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        if remote_output:
+            path = _upload(args.output, path)
+    best = meta["metrics"]["validation"]
+    log.info("best epoch %d: %s", meta["trained"]["best_epoch"], ", ".join(f"{k}={v:.4f}" for k, v in best.items()))
+    print(f"model written to {path} (+ {path.with_suffix('.json').name})")
+    return EXIT_OK
+
+
+def _check_args(args: argparse.Namespace) -> None:
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
         raise UsageError("--epochs and --batch-size must be >= 1 and --lr > 0")
     if not 0 < args.val_fraction < 1:
@@ -499,29 +482,32 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--cpus-per-worker must be > 0")
     if args.storage and "://" not in args.storage and not os.path.isabs(args.storage):
         raise UsageError("--storage must be an absolute path or a URI (Ray Train requires it)")
-    init, parent = _resolve_init(args)
-    _check_pretrained(args, parent)
-    distill, teacher_meta = _resolve_distill(args, parent)
-    train_sources, val_sources = resolve_sources(args)
-    remote_output = "://" in args.output  # e.g. s3://bucket/models: written locally, then uploaded
-    if remote_output:
+
+
+def _prepare_output(args: argparse.Namespace) -> tuple[bool, Path | None, str]:
+    """(whether --output is a URI, the local output folder (made here), the checkpoint storage)."""
+    if "://" in args.output:  # e.g. s3://bucket/models: written locally, then uploaded
         from fkp_core.tables import open_output
 
         try:
             open_output(args.output)
         except ValueError as exc:
             raise UsageError(f"--output: {exc}") from None
-        storage = args.storage or args.output.rstrip("/") + "/checkpoints"
-    else:
-        output = Path(args.output)
-        try:
-            output.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"--output {output}: {exc.strerror}") from None
-        storage = args.storage or str((output / "checkpoints").resolve())
+        return True, None, args.storage or args.output.rstrip("/") + "/checkpoints"
+    output = Path(args.output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--output {output}: {exc.strerror}") from None
+    return False, output, args.storage or str((output / "checkpoints").resolve())
+
+
+def _train_config(args: argparse.Namespace, init: str | None, distill: str | None, parent: dict | None):
+    from fkp_core.training import TrainConfig
+    from fkp_core.transforms import AugmentConfig
 
     parent_trained = parent.get("trained", {}) if parent else {}
-    cfg = TrainConfig(
+    return TrainConfig(
         model=parent_trained.get("train_config", {}).get("model", "custom") if parent else (args.model or TrainConfig.model),
         input_size=args.input_size, init=init, distill=distill, distill_weight=args.distill_weight,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -531,15 +517,13 @@ def run(args: argparse.Namespace) -> int:
         pretrained=args.pretrained, freeze_stride=args.freeze_stride, occluders=args.occluders, low_light=args.low_light, motion_blur=args.motion_blur, jpeg=args.jpeg,
         augment=replace(AugmentConfig(), rotation=args.rotation, occlusion=args.occlusion, flip=args.flip, photometric=not args.no_photometric),
     )
-    import ray
+
+
+def _trainer(args: argparse.Namespace, cfg, train_sources, val_sources, storage: str, num_workers: int, use_gpu: bool):
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    mode = init_ray()
-    num_workers, use_gpu = _worker_plan(args, mode)
-    log.info("training %s on %d %s worker(s) (%s Ray), checkpoints in %s/%s", init or cfg.model, num_workers,
-             "GPU" if use_gpu else "CPU", mode, storage, args.name)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "train": cfg.to_dict(), "threads": args.cpus_per_worker, "loader_workers": cfg.loader_workers,
@@ -555,18 +539,15 @@ def run(args: argparse.Namespace) -> int:
             failure_config=ray.train.FailureConfig(max_failures=args.max_failures),
         ),
     )
-    started = time.time()
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        log.error("training failed: %s", exc)
-        return EXIT_FAILED
-    if result.checkpoint is None:
-        log.error("training produced no checkpoint")
-        return EXIT_FAILED
+
+
+def _release_extra(args: argparse.Namespace, train_sources, val_sources, num_workers: int, use_gpu: bool,
+                   started: float) -> dict[str, Any]:
+    """The release model's ``trained`` metadata: the command, data, workers and software of the run."""
+    import ray
     import torch
 
-    extra = {
+    return {
         "command": args.command,
         "sources": _source_dicts(train_sources),
         "val_sources": _source_dicts(val_sources),
@@ -578,25 +559,16 @@ def run(args: argparse.Namespace) -> int:
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds_this_session": round(time.time() - started, 1),
     }
-    if parent:
-        extra["init"] = {"path": init, "sha256": parent.get("sha256"), "trained": parent_trained}
-    if teacher_meta:
-        extra["distill"] = {"path": distill, "sha256": teacher_meta.get("sha256"), "weight": args.distill_weight,
-                            "teacher_validation": teacher_meta.get("metrics", {}).get("validation")}
-    with tempfile.TemporaryDirectory() as tmp, result.checkpoint.as_directory() as ckdir:
-        path = export_release(Path(ckdir), Path(tmp) if remote_output else output, args.name, extra)
-        meta = json.loads(path.with_suffix(".json").read_text())
-        if remote_output:
-            from fkp_core.tables import open_output
 
-            dest = open_output(args.output)
-            for local in (path, path.with_suffix(".json")):
-                dest.write_bytes(dest.path(local.name), local.read_bytes())
-            path = Path(args.output.rstrip("/")) / path.name  # for the message only
-    best = meta["metrics"]["validation"]
-    log.info("best epoch %d: %s", meta["trained"]["best_epoch"], ", ".join(f"{k}={v:.4f}" for k, v in best.items()))
-    print(f"model written to {path} (+ {path.with_suffix('.json').name})")
-    return EXIT_OK
+
+def _upload(output: str, path: Path) -> Path:
+    """Copy the release model's two files to a URI ``--output``; the name to show for it."""
+    from fkp_core.tables import open_output
+
+    dest = open_output(output)
+    for local in (path, path.with_suffix(".json")):
+        dest.write_bytes(dest.path(local.name), local.read_bytes())
+    return Path(output.rstrip("/")) / path.name  # for the message only
 
 
 def main(argv: list[str] | None = None) -> int:
