@@ -220,6 +220,22 @@ class MBConv(nn.Module):
         return x + y if self.use_res else y
 
 
+def _lite0_blocks(max_stride: int | None) -> tuple[list[nn.Module], list[int], list[int]]:
+    """EfficientNet-Lite0's MBConv blocks up to the last one of stride ``max_stride``, with each one's stride and channels."""
+    blocks, strides, channels = [], [], []
+    cin, stride = 32, 2
+    for k, s, e, c, n in _LITE0:
+        if s == 2 and max_stride is not None and stride * 2 > max_stride:
+            break
+        for i in range(n):
+            stride *= s if i == 0 else 1
+            blocks.append(MBConv(cin, c, k, s if i == 0 else 1, e))
+            strides.append(stride)
+            channels.append(c)
+            cin = c
+    return blocks, strides, channels
+
+
 class EfficientNetLite0(_Freezable):
     """EfficientNet-Lite0, optionally gray-input, cut after the last block of stride ``max_stride``."""
 
@@ -227,17 +243,7 @@ class EfficientNetLite0(_Freezable):
         super().__init__()
         self._conv_stem = GrayStem(32, 3, 2, 1) if gray else nn.Conv2d(3, 32, 3, 2, 1, bias=False)
         self._bn0 = nn.BatchNorm2d(32, eps=_BN_EPS_EFF)
-        blocks, strides, channels = [], [], []
-        cin, stride = 32, 2
-        for k, s, e, c, n in _LITE0:
-            if s == 2 and max_stride is not None and stride * 2 > max_stride:
-                break
-            for i in range(n):
-                stride *= s if i == 0 else 1
-                blocks.append(MBConv(cin, c, k, s if i == 0 else 1, e))
-                strides.append(stride)
-                channels.append(c)
-                cin = c
+        blocks, strides, channels = _lite0_blocks(max_stride)
         self._blocks = nn.ModuleList(blocks)
         self._strides = strides
         self.full = max_stride is None

@@ -153,6 +153,20 @@ def head_pose(keypoints: np.ndarray, frame_size: tuple[int, int], config: PoseCo
     return out
 
 
+def _bgr_copy(frame: np.ndarray) -> np.ndarray:
+    """A BGR uint8 copy of a gray, BGR or BGRA frame (floats in [0, 1] scaled to 0..255)."""
+    img = np.asarray(frame)
+    if img.dtype != np.uint8:
+        img = np.clip(img * (255.0 if img.size and img.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+    if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
+        return cv2.cvtColor(img.reshape(img.shape[:2]), cv2.COLOR_GRAY2BGR)
+    if img.ndim == 3 and img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
+    if img.ndim == 3 and img.shape[2] == 3:
+        return img.copy()
+    raise ValueError(f"expected a gray, BGR or BGRA frame, got shape {img.shape}")
+
+
 def draw_pose_axes(
     frame: np.ndarray,
     keypoints: np.ndarray,
@@ -167,17 +181,7 @@ def draw_pose_axes(
     orthographic view of the rotation (the gizmo shows direction, not perspective). Faces with
     NaN angles or keypoints are skipped. The input frame is not modified.
     """
-    img = np.asarray(frame)
-    if img.dtype != np.uint8:
-        img = np.clip(img * (255.0 if img.size and img.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-    if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
-        out = cv2.cvtColor(img.reshape(img.shape[:2]), cv2.COLOR_GRAY2BGR)
-    elif img.ndim == 3 and img.shape[2] == 4:
-        out = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
-    elif img.ndim == 3 and img.shape[2] == 3:
-        out = img.copy()
-    else:
-        raise ValueError(f"expected a gray, BGR or BGRA frame, got shape {img.shape}")
+    out = _bgr_copy(frame)
     kps = np.asarray(keypoints, np.float64).reshape(-1, C.NUM_KEYPOINTS, 2)
     angles = np.asarray(pose, np.float64).reshape(-1, 3)
     if len(kps) != len(angles):

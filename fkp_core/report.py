@@ -171,46 +171,20 @@ def video_thumbnails(out_uri: str, record: dict, config: ReportConfig) -> VideoT
 
 
 def _video_thumbnails(out: Output, record: dict, config: ReportConfig) -> VideoThumbs:
-    from fkp_core.export import keypoint_array
-    from fkp_core.video import read_frames
-
     vid, part = record["video_id"], record.get("output") or out.part_path(record["video_id"])
     if not out.exists(part):
         return VideoThumbs(vid, note="no part file")
-    fr, tr = [], []
-    for b in _read_columns(out, part, ["frame_index", "track_id"]):  # two integer columns: 16 bytes a row
-        fr.append(b.column(0).to_numpy())
-        tr.append(b.column(1).to_numpy())
-    frames = np.concatenate(fr) if fr else np.zeros(0, np.int64)
-    tracks = np.concatenate(tr) if tr else np.zeros(0, np.int64)
+    frames, tracks = _frames_and_tracks(out, part)
     n_tracks = len(np.unique(tracks))
     picked = pick_frames(frames, tracks, config.per_track, config.max_tracks)
     if not picked:
         return VideoThumbs(vid, tracks=n_tracks, note=None if n_tracks else "no faces")
-    wanted = {(t, f) for t, fs in picked.items() for f in fs}
-    faces: dict[tuple[int, int], tuple[np.ndarray, float]] = {}
-    for b in _read_columns(out, part, ["frame_index", "track_id", "timestamp_s", "keypoints"]):
-        f_b, t_b = b.column(0).to_numpy(), b.column(1).to_numpy()
-        hit = [i for i in range(len(b)) if (int(t_b[i]), int(f_b[i])) in wanted] if wanted else []
-        if hit:
-            kp = keypoint_array(b.take(hit))
-            ts = b.column(2).to_numpy()
-            for j, i in enumerate(hit):
-                faces.setdefault((int(t_b[i]), int(f_b[i])), (kp[j], float(ts[i])))
-    thumbs, failed = [], 0
-    by_frame: dict[int, list[int]] = {}
-    for t, f in sorted(faces):
-        by_frame.setdefault(f, []).append(t)
-    images: dict[int, np.ndarray] = {}
-    for f in sorted(by_frame):
-        try:
-            got = next(iter(read_frames(record["path"], f, f + 1, gray=False, threads=1)), None)
-        except Exception as exc:  # noqa: BLE001 - an input moved away or unreadable here: say so, keep going
-            return VideoThumbs(vid, tracks=n_tracks, note=f"input not readable for thumbnails: {exc}")
-        if got is None:
-            failed += 1
-            continue
-        images[f] = got.image
+    faces = _picked_faces(out, part, {(t, f) for t, fs in picked.items() for f in fs})
+    try:
+        images, failed = _decode_again(record["path"], sorted({f for _, f in faces}))
+    except Exception as exc:  # noqa: BLE001 - an input moved away or unreadable here: say so, keep going
+        return VideoThumbs(vid, tracks=n_tracks, note=f"input not readable for thumbnails: {exc}")
+    thumbs = []
     for t in sorted(picked):
         for f in picked[t]:
             if (t, f) not in faces or f not in images:
@@ -221,6 +195,48 @@ def _video_thumbnails(out: Output, record: dict, config: ReportConfig) -> VideoT
                 thumbs.append(Thumbnail(t, f, ts, jpeg, config.size))
     note = f"{failed} frame(s) could not be decoded again" if failed else None
     return VideoThumbs(vid, tuple(thumbs), n_tracks, note)
+
+
+def _frames_and_tracks(out: Output, part: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's frame index and track id (two integer columns: 16 bytes a row)."""
+    fr, tr = [], []
+    for b in _read_columns(out, part, ["frame_index", "track_id"]):
+        fr.append(b.column(0).to_numpy())
+        tr.append(b.column(1).to_numpy())
+    frames = np.concatenate(fr) if fr else np.zeros(0, np.int64)
+    tracks = np.concatenate(tr) if tr else np.zeros(0, np.int64)
+    return frames, tracks
+
+
+def _picked_faces(out: Output, part: str, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], tuple[np.ndarray, float]]:
+    """(track, frame) -> (keypoints, timestamp) of the wanted faces, read a batch at a time."""
+    from fkp_core.export import keypoint_array
+
+    faces: dict[tuple[int, int], tuple[np.ndarray, float]] = {}
+    for b in _read_columns(out, part, ["frame_index", "track_id", "timestamp_s", "keypoints"]):
+        f_b, t_b = b.column(0).to_numpy(), b.column(1).to_numpy()
+        hit = [i for i in range(len(b)) if (int(t_b[i]), int(f_b[i])) in wanted] if wanted else []
+        if hit:
+            kp = keypoint_array(b.take(hit))
+            ts = b.column(2).to_numpy()
+            for j, i in enumerate(hit):
+                faces.setdefault((int(t_b[i]), int(f_b[i])), (kp[j], float(ts[i])))
+    return faces
+
+
+def _decode_again(path: str, frame_indices: list[int]) -> tuple[dict[int, np.ndarray], int]:
+    """(frame index -> BGR image, frames that did not decode) for the given frames of the input."""
+    from fkp_core.video import read_frames
+
+    images: dict[int, np.ndarray] = {}
+    failed = 0
+    for f in frame_indices:
+        got = next(iter(read_frames(path, f, f + 1, gray=False, threads=1)), None)
+        if got is None:
+            failed += 1
+            continue
+        images[f] = got.image
+    return images, failed
 
 
 # ------------------------------------------------------------------------------------------
@@ -424,17 +440,22 @@ def _strip_html(r: VideoRow, t: VideoThumbs) -> str:
             f'<span class="id">{_e(r.video_id)}</span></h3><div class="strip">{"".join(figs)}</div>{note}</section>')
 
 
-def render_html(report: RunReport) -> str:
-    """The page (a string of HTML); every value escaped, nothing loaded from anywhere."""
-    rows = list(report.videos)
+def _totals(rows: list) -> list[tuple[str, str]]:
+    """The page's totals, (label, formatted value): videos by status, frames, faces, tracks, CPU seconds."""
     counts = {s: sum(1 for r in rows if r.status == s) for s in STATUS_RANK}
     tot = lambda k: sum(getattr(r, k) or 0 for r in rows)  # noqa: E731
-    totals = [
+    return [
         ("videos", f"{len(rows):,}"), ("ok", f"{counts['ok']:,}"), ("partial", f"{counts['partial']:,}"),
         ("failed", f"{counts['failed']:,}"), ("frames decoded", f"{tot('frames_decoded'):,}"),
         ("frames with faces", f"{tot('frames_with_faces'):,}"), ("faces", f"{tot('faces'):,}"),
         ("tracks", f"{tot('tracks'):,}"), ("CPU seconds", f"{tot('seconds'):,.1f}"),
     ]
+
+
+def render_html(report: RunReport) -> str:
+    """The page (a string of HTML); every value escaped, nothing loaded from anywhere."""
+    rows = list(report.videos)
+    totals = _totals(rows)
     head = "".join(f'<th data-key="{k}" data-type="{"num" if num else "str"}">{_e(label)}</th>' for k, label, num in _COLUMNS)
     strips = [(r, report.thumbs[r.video_id]) for r in rows if r.video_id in report.thumbs]
     body = "".join(_row_html(r, r.video_id in report.thumbs) for r in rows)
