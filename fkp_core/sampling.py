@@ -5,12 +5,18 @@ its presentation time, so the choice depends only on the frame's timestamp and i
 the same frames are chosen whether a video is annotated in one piece or in segments, and variable
 frame rates keep a steady rate in time. Sampled frames keep their true frame index and timestamp;
 tracking and smoothing run over them with their real time steps.
+
+Decoding follows the sampled frames where the codec allows: :func:`skip_until` tells
+``fkp_core.video.read_frames`` when the next sampled frame can come at the earliest, and the reader
+seeks over the frames before it when a keyframe lies between (decoding the frames from that keyframe
+on), so that sparse sampling of video with short keyframe intervals decodes a fraction of the frames.
+The sampled frames are exactly those of a full decode.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import Protocol
 
@@ -36,6 +42,19 @@ def sample_frames(frames: Iterable[Timed], rate: float | None, previous_s: float
         if rate is None or is_sampled(frame.timestamp_s, previous_s, rate):
             yield frame
         previous_s = frame.timestamp_s
+
+
+def skip_until(rate: float | None) -> Callable[[float], float] | None:
+    """``read_frames(skip_until=...)`` for sampling at ``rate`` (None: every frame, no skipping): after a frame at
+    ``t`` s, the earliest time the next sampled frame can have (the next instant k / rate, less the rounding
+    allowance of :func:`is_sampled`)."""
+    if rate is None:
+        return None
+
+    def until(timestamp_s: float) -> float:
+        return (math.floor(timestamp_s * rate + EPS) + 1 - EPS) / rate
+
+    return until
 
 
 def smoothing_for(rate: float | None, config: OneEuroConfig | None = None) -> OneEuroConfig:

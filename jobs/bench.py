@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--detector", default="yunet", help="comma-separated jobs.annotate --detector values to measure in the same run (yunet, fast, recall)")
     a.add_argument("--sample-fps", default="all", help="comma-separated jobs.annotate --sample-fps values to measure in the same run ('all': every frame)")
     a.add_argument("--segment-frames", type=positive_int, default=None, help="passed to the job (default: the job's)")
+    a.add_argument("--gop", type=positive_int, default=None, metavar="N",
+                   help="first re-encode each video (H.264) with a keyframe every N frames, and measure that copy: "
+                        "--sample-fps seeks over keyframe intervals shorter than its step (default: the videos as they are)")
     a.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs of the local Ray instance (default: all)")
     a.add_argument("--extra", default="", help="more flags for jobs.annotate, as one string (e.g. '--model-actors 1')")
     m = sub.add_parser("model", help="CNN time per face by batch size", formatter_class=HelpFormatter)
@@ -103,62 +106,137 @@ def decode_only_fps(path: str) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
-def bench_annotate(args: argparse.Namespace) -> dict:
-    from fkp_core.tables import open_output
-    from fkp_core.video import probe, video_id
-    from jobs import annotate
-    from jobs.common import init_ray
+def sampled_decode(path: str, rate: float) -> dict:
+    """The reading ``--sample-fps rate`` does, alone in one process (FFmpeg threads on all cores): seconds,
+    frames sampled, frames the decoder output (fewer than the file's where it seeks over keyframe intervals)."""
+    from fkp_core.sampling import sample_frames, skip_until
+    from fkp_core.video import DecodeStats, read_frames
 
+    st = DecodeStats()
+    t0 = time.perf_counter()
+    n = sum(1 for _ in sample_frames(read_frames(path, 0, None, gray=True, stats=st, skip_until=skip_until(rate)), rate))
+    return {"seconds": time.perf_counter() - t0, "sampled": n, "decoder_frames": st.decoder_frames, "seeks": st.seeks}
+
+
+def _annotate_grid(args: argparse.Namespace) -> list[tuple[str, int, float | None]]:
+    """The (detector, detect-every, sample-fps) runs the flags ask for, checked."""
+    ks = [int(k) for k in args.detect_every.split(",") if k.strip()]
+    detectors, rates = _detectors_flag(args.detector), _sample_fps_flag(args.sample_fps)
+    for v in args.videos:
+        if not Path(v).is_file():
+            raise UsageError(f"{v}: no such file")
+    return [(d, k, r) for d in detectors for k in ks for r in rates]
+
+
+def _detectors_flag(text: str) -> list[str]:
     from fkp_core.detector import DETECTORS
 
-    ks = [int(k) for k in args.detect_every.split(",") if k.strip()]
-    detectors = [d.strip() for d in args.detector.split(",") if d.strip()]
+    detectors = [d.strip() for d in text.split(",") if d.strip()]
     if not detectors or set(detectors) - set(DETECTORS):
         raise UsageError(f"--detector: comma-separated names from {', '.join(DETECTORS)}")
+    return detectors
+
+
+def _sample_fps_flag(text: str) -> list[float | None]:
     try:
-        rates = [None if r.strip() == "all" else float(r) for r in args.sample_fps.split(",") if r.strip()]
+        rates = [None if r.strip() == "all" else float(r) for r in text.split(",") if r.strip()]
     except ValueError:
         raise UsageError("--sample-fps: comma-separated numbers > 0 or 'all'") from None
     if not rates or any(r is not None and not r > 0 for r in rates):
         raise UsageError("--sample-fps: comma-separated numbers > 0 or 'all'")
-    for v in args.videos:
-        if not Path(v).is_file():
-            raise UsageError(f"{v}: no such file")
+    return rates
+
+
+def _annotate_run(args: argparse.Namespace, path: str, detector: str, k: int, rate: float | None, frames: int, secs: float) -> dict:
+    """One jobs.annotate run on ``path``: its speed against the decode-only figure measured right before, per-stage CPU."""
+    from fkp_core.tables import open_output
+    from fkp_core.video import video_id
+    from jobs import annotate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [path, "--out", f"{tmp}/out", "--detect-every", str(k), "--detector", detector, "-q", *args.extra.split()]
+        argv += ["--sample-fps", str(rate)] if rate else []
+        if args.segment_frames:
+            argv += ["--segment-frames", str(args.segment_frames)]
+        t0 = time.perf_counter()
+        code = annotate.main(argv)
+        wall = time.perf_counter() - t0
+        status = open_output(f"{tmp}/out").read_json(open_output(f"{tmp}/out").status_path(video_id(path)))
+    return {
+        "detector": detector, "detect_every": k, "sample_fps": rate, "exit_code": code, "wall_s": wall, "fps": frames / wall, "decode_only_fps": frames / secs,
+        "ratio_to_decode_only": (frames / wall) / (frames / secs), "faces": status.get("faces"),
+        "stage_cpu_seconds": status.get("stage_seconds"),
+        "stage_ms_per_frame": {s: 1000 * v / max(frames, 1) for s, v in (status.get("stage_seconds") or {}).items()},
+    }
+
+
+def _print_annotate_run(path: str, run: dict) -> None:
+    rate, sampled = run["sample_fps"], run.get("sampled_decode")
+    print(f"{Path(path).name}: decode-only {run['decode_only_fps']:.0f} fps | {run['detector']}, detect-every {run['detect_every']}"
+          f"{f', sample-fps {rate:g}' if rate else ''}: "
+          f"{run['fps']:.0f} fps = {run['ratio_to_decode_only']:.2f} x decode-only | per frame (CPU ms): "
+          + ", ".join(f"{s} {v:.2f}" for s, v in run["stage_ms_per_frame"].items()))
+    if sampled:
+        print(f"  sampled decode alone: {sampled['sampled']} frames sampled, {sampled['decoder_frames']} decoded "
+              f"({sampled['seeks']} seeks), {sampled['x_decode_only_time']:.2f} x the decode-only time")
+
+
+def bench_annotate(args: argparse.Namespace) -> dict:
+    from jobs import annotate
+    from jobs.common import init_ray
+
+    grid = _annotate_grid(args)
     init_ray(num_cpus=args.num_cpus)  # start-up is not part of the figure
     with tempfile.TemporaryDirectory() as tmp:  # warm the worker processes (imports, model load, ONNX export)
         annotate.main([str(EXAMPLES / "sample.mp4"), "--out", f"{tmp}/warm", "-q", *args.extra.split()])
     results = []
-    for path in args.videos:
-        info = probe(path)
-        entry = {"video": path, "size": [info.width, info.height], "runs": []}
-        for detector, k, rate in [(d, k, r) for d in detectors for k in ks for r in rates]:
-            # decode-only right before each run: on a shared machine the speed of the cores drifts
-            # between minutes, and a ratio is only as good as its two figures are close in time
-            frames, secs = decode_only_fps(path)
-            entry["frames"] = frames
-            with tempfile.TemporaryDirectory() as tmp:
-                argv = [path, "--out", f"{tmp}/out", "--detect-every", str(k), "--detector", detector, "-q", *args.extra.split()]
-                argv += ["--sample-fps", str(rate)] if rate else []
-                if args.segment_frames:
-                    argv += ["--segment-frames", str(args.segment_frames)]
-                t0 = time.perf_counter()
-                code = annotate.main(argv)
-                wall = time.perf_counter() - t0
-                status = open_output(f"{tmp}/out").read_json(open_output(f"{tmp}/out").status_path(video_id(path)))
-            run = {
-                "detector": detector, "detect_every": k, "sample_fps": rate, "exit_code": code, "wall_s": wall, "fps": frames / wall, "decode_only_fps": frames / secs,
-                "ratio_to_decode_only": (frames / wall) / (frames / secs), "faces": status.get("faces"),
-                "stage_cpu_seconds": status.get("stage_seconds"),
-                "stage_ms_per_frame": {s: 1000 * v / max(frames, 1) for s, v in (status.get("stage_seconds") or {}).items()},
-            }
-            entry["runs"].append(run)
-            print(f"{Path(path).name}: decode-only {run['decode_only_fps']:.0f} fps | {detector}, detect-every {k}"
-                  f"{f', sample-fps {rate:g}' if rate else ''}: "
-                  f"{run['fps']:.0f} fps = {run['ratio_to_decode_only']:.2f} x decode-only | per frame (CPU ms): "
-                  + ", ".join(f"{s} {v:.2f}" for s, v in run["stage_ms_per_frame"].items()))
-        entry["decode_only_fps"] = sorted(r["decode_only_fps"] for r in entry["runs"])[len(entry["runs"]) // 2]  # median
-        results.append(entry)
+    with tempfile.TemporaryDirectory() as copies:
+        for path in args.videos:
+            entry = _bench_video(args, grid, _with_gop(path, args.gop, copies) if args.gop else path)
+            results.append({"source": path, **entry})
     return {"what": "annotate", "machine": _machine(), "command": args.command, "results": results}
+
+
+def _with_gop(path: str, gop: int, folder: str) -> str:
+    """An H.264 copy of ``path`` in ``folder`` with a keyframe every ``gop`` frames (same frames, rate and size)."""
+    import av
+
+    from fkp_core.video import probe, read_frames
+
+    info = probe(path)
+    dest = str(Path(folder) / f"{Path(path).stem}-gop{gop}.mp4")
+    with av.open(dest, "w") as out:
+        stream = out.add_stream("libx264", rate=info.rate, options={"crf": "18", "preset": "veryfast", "g": str(gop),
+                                                                   "keyint_min": str(gop), "sc_threshold": "0"})
+        stream.width, stream.height, stream.pix_fmt = info.width, info.height, "yuv420p"
+        stream.codec_context.gop_size = gop
+        for i, f in enumerate(read_frames(path, 0, None)):
+            frame = av.VideoFrame.from_ndarray(f.image, format="bgr24")
+            frame.pts, frame.time_base = i, 1 / info.rate
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return dest
+
+
+def _bench_video(args: argparse.Namespace, grid: list, path: str) -> dict:
+    """Every run of the grid on one video, each after a decode-only measurement of its own."""
+    from fkp_core.video import probe
+
+    info = probe(path)
+    entry = {"video": path, "gop": args.gop, "size": [info.width, info.height], "runs": []}
+    for detector, k, rate in grid:
+        # decode-only right before each run: on a shared machine the speed of the cores drifts
+        # between minutes, and a ratio is only as good as its two figures are close in time
+        frames, secs = decode_only_fps(path)
+        entry["frames"] = frames
+        sampled = sampled_decode(path, rate) if rate else None
+        run = _annotate_run(args, path, detector, k, rate, frames, secs)
+        if sampled:
+            run["sampled_decode"] = {**sampled, "x_decode_only_time": sampled["seconds"] / secs}
+        entry["runs"].append(run)
+        _print_annotate_run(path, run)
+    entry["decode_only_fps"] = sorted(r["decode_only_fps"] for r in entry["runs"])[len(entry["runs"]) // 2]  # median
+    return entry
 
 
 def bench_model(args: argparse.Namespace) -> dict:
@@ -255,20 +333,10 @@ def _scores(detector, images) -> list:
     return [detector.detect(im).scores for im in images]
 
 
-def bench_detector(args: argparse.Namespace) -> dict:
-    """Per threshold: faces on each clip (total, most in one frame) and the share of labelled faces found."""
-    import cv2
-    import numpy as np
+def _labelled_records(args: argparse.Namespace) -> list:
+    """Every ``--every``-th labelled training face of the ``--data`` sources (never AFW)."""
+    from fkp_core.dataset import DatasetError, parse_source
 
-    from fkp_core.dataset import DatasetError, parse_source, read_image
-    from fkp_core.detector import YUNET_MODEL, YuNetConfig, YuNetDetector, iou
-    from fkp_core.transforms import face_frame
-    from fkp_core.video import read_frames
-
-    cv2.setNumThreads(1)
-    thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
-    if not thresholds or min(thresholds) < 0 or max(thresholds) > 1:
-        raise UsageError("--thresholds: comma-separated numbers in [0, 1]")
     try:
         sources = [parse_source(spec) for spec in args.data or []]
         records = [r for src in sources for r in (src.read("training") if src.kind == "course" else src.read())][:: args.every]
@@ -276,27 +344,63 @@ def bench_detector(args: argparse.Namespace) -> dict:
         raise UsageError(str(exc)) from None
     if any("afw" in src.label.lower() for src in sources):
         raise UsageError("--data: AFW is for validation only, never for choosing settings")
+    return records
+
+
+def _clip_faces(det, video: str, thresholds: list[float]) -> dict:
+    """Per threshold: faces on the clip in all and the most in one frame."""
+    from fkp_core.video import read_frames
+
+    per_frame = _scores(det, (f.image for f in read_frames(video, 0, None, gray=True)))
+    return {f"{t:g}": {"faces": int(sum((s >= t).sum() for s in per_frame)), "most_in_a_frame": int(max((s >= t).sum() for s in per_frame))}
+            for t in thresholds}
+
+
+def _labelled_best_scores(det, records: list) -> list[float]:
+    """Per labelled face: the score of the detection whose crop overlaps it best (IoU >= 0.3), else 0."""
+    import numpy as np
+
+    from fkp_core.dataset import read_image
+    from fkp_core.detector import iou
+    from fkp_core.transforms import face_frame
+
+    best = []
+    for r in records:
+        found = det.detect(read_image(r.image_path))
+        crops, _ = det.calibration.crop_regions(found)
+        overlap = iou(crops, face_frame(r.keypoints)[0][None])[:, 0] if len(found) else np.zeros(0)
+        best.append(float(found.scores[overlap.argmax()]) if len(found) and overlap.max() >= 0.3 else 0.0)
+    return best
+
+
+def _print_detector_entry(entry: dict, n_records: int) -> None:
+    print(f"{Path(entry['model']).name}: labelled faces found ({n_records}): "
+          + ", ".join(f"{t}: {v:.4f}" for t, v in entry["labelled_found"].items() if v is not None))
+    for clip, row in entry["clips"].items():
+        print(f"  {clip}: " + ", ".join(f"{t}: {v['faces']} (max {v['most_in_a_frame']}/frame)" for t, v in row.items()))
+
+
+def bench_detector(args: argparse.Namespace) -> dict:
+    """Per threshold: faces on each clip (total, most in one frame) and the share of labelled faces found."""
+    import cv2
+    import numpy as np
+
+    from fkp_core.detector import YUNET_MODEL, YuNetConfig, YuNetDetector
+
+    cv2.setNumThreads(1)
+    thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+    if not thresholds or min(thresholds) < 0 or max(thresholds) > 1:
+        raise UsageError("--thresholds: comma-separated numbers in [0, 1]")
+    records = _labelled_records(args)
     results = []
     for model in args.yunet_model or [str(YUNET_MODEL)]:
         det = YuNetDetector(YuNetConfig(model=model, score_threshold=min(thresholds)))
-        entry = {"model": model, "clips": {}, "labelled_found": {}}
-        for video in args.videos:
-            per_frame = _scores(det, (f.image for f in read_frames(video, 0, None, gray=True)))
-            entry["clips"][Path(video).name] = {
-                f"{t:g}": {"faces": int(sum((s >= t).sum() for s in per_frame)), "most_in_a_frame": int(max((s >= t).sum() for s in per_frame))}
-                for t in thresholds}
-        best = []
-        for r in records:
-            found = det.detect(read_image(r.image_path))
-            crops, _ = det.calibration.crop_regions(found)
-            overlap = iou(crops, face_frame(r.keypoints)[0][None])[:, 0] if len(found) else np.zeros(0)
-            best.append(float(found.scores[overlap.argmax()]) if len(found) and overlap.max() >= 0.3 else 0.0)
+        entry = {"model": model, "clips": {Path(video).name: _clip_faces(det, video, thresholds) for video in args.videos},
+                 "labelled_found": {}}
+        best = _labelled_best_scores(det, records)
         entry["labelled_found"] = {f"{t:g}": float(np.mean(np.asarray(best) >= t)) if best else None for t in thresholds}
         results.append(entry)
-        print(f"{Path(model).name}: labelled faces found ({len(records)}): "
-              + ", ".join(f"{t}: {v:.4f}" for t, v in entry["labelled_found"].items() if v is not None))
-        for clip, row in entry["clips"].items():
-            print(f"  {clip}: " + ", ".join(f"{t}: {v['faces']} (max {v['most_in_a_frame']}/frame)" for t, v in row.items()))
+        _print_detector_entry(entry, len(records))
     return {"what": "detector", "machine": _machine(), "command": args.command, "results": results}
 
 
