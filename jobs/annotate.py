@@ -280,7 +280,7 @@ def run_segment(path: str, video_id: str, start: int, end: int | None, frame_siz
     from fkp_core.annotator import SegmentAnnotator
     from fkp_core.detector import make_detector
     from fkp_core.postprocess import postprocess_segment
-    from fkp_core.sampling import is_sampled, smoothing_for
+    from fkp_core.sampling import is_sampled, skip_until, smoothing_for
     from fkp_core.tables import faces_table, open_output
     from fkp_core.video import DecodeStats, VideoError, read_frames
 
@@ -313,7 +313,7 @@ def run_segment(path: str, video_id: str, start: int, end: int | None, frame_siz
         nonlocal previous, taken
         previous_s = None  # timestamp of the frame decoded before this one (frame sampling)
         for f in read_frames(path, first, end, gray=True, upright=True, on_error="skip", stats=decode, threads=1,
-                             sequential=sequential):
+                             sequential=sequential, skip_until=skip_until(settings.sample_fps)):
             if f.index < start:
                 previous, previous_s = f.image, f.timestamp_s
                 continue
@@ -346,7 +346,7 @@ def run_segment(path: str, video_id: str, start: int, end: int | None, frame_siz
     t_post = time.perf_counter()
     cols = postprocess_segment(cols, frame_size, smooth=settings.smooth, smoothing=smoothing_for(settings.sample_fps))
     stats["seconds"]["post"] = time.perf_counter() - t_post
-    stats.update({"start": start, "end": end, "error": error, "decoded": taken, "seconds_total": time.perf_counter() - t0,
+    stats.update({"start": start, "end": end, "error": error, "decoded": taken + decode.skipped, "seconds_total": time.perf_counter() - t0,
                   "cpu_seconds": time.process_time() - cpu0})  # this process's CPU, all its threads
     table = faces_table(video_id, path, cols)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"fkp_stats": json.dumps(stats).encode()})
