@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _start_pool(args: argparse.Namespace, settings: Settings, resources: dict, use_gpu: bool, n_model: int, work: int):
-    """-> (ActorPool of annotators, model actors). Annotators fill the CPUs the model actors leave (none waits for
+    """-> (ActorPool of annotators, every actor started). Annotators fill the CPUs the model actors leave (none waits for
     a CPU that never frees), at most one per piece of work."""
     import ray
     from ray.util import ActorPool
@@ -135,7 +135,8 @@ def _start_pool(args: argparse.Namespace, settings: Settings, resources: dict, u
     n = max(1, min(work, int(free / args.cpus_per_segment)))
     annotator = ray.remote(Annotator).options(num_cpus=args.cpus_per_segment, max_restarts=-1,
                                               max_task_retries=args.max_retries)
-    return ActorPool([annotator.remote(settings, models[i % n_model] if models else None) for i in range(n)]), models
+    annotators = [annotator.remote(settings, models[i % n_model] if models else None) for i in range(n)]
+    return ActorPool(annotators), models + annotators
 
 
 def _submit(pool, work: Work, progress) -> None:
@@ -225,13 +226,13 @@ def _run_on_ray(args: argparse.Namespace, paths: list, out, settings: Settings, 
                dynamic_ncols=True, desc="annotate")
     # segments report frames as they go, so the bar moves within a segment, not a whole segment at a time
     progress = ray.remote(Progress).options(num_cpus=0).remote() if not bar.disable else None
-    pool, models = _start_pool(args, settings, resources, use_gpu, n_model, len(first)) if first else (None, [])
+    pool, actors = _start_pool(args, settings, resources, use_gpu, n_model, len(first)) if first else (None, [])
     try:
         if pool is not None:
             _drive(pool, state, first, progress, bar)
     finally:
         bar.close()
-        for actor in ([progress] if progress is not None else []) + models + list(getattr(pool, "_idle_actors", [])):
+        for actor in ([progress] if progress is not None else []) + actors:  # their CPUs free for the next run
             ray.kill(actor)
     for plan in todo:  # an input whose calls were lost (an annotator that could not be restarted)
         if plan.info and plan.video_id not in state.records:

@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 
+from jobs.common import positive_float, positive_int
+
 SYNTHETIC_FPS = 30.0
 SYNTHETIC_SIZE = (1920, 1080)
 
@@ -27,9 +29,9 @@ def add_parser(sub, formatter_class) -> argparse.ArgumentParser:
     f = sub.add_parser("finalize", help="peak memory of finishing a synthetic video, by its length (no decoding)",
                        formatter_class=formatter_class)
     f.add_argument("--minutes", default="30,60,120", help="comma-separated video lengths in minutes")
-    f.add_argument("--faces", type=int, default=5, help="faces on every frame")
-    f.add_argument("--segment-frames", type=int, default=1800, help="frames per segment (the job's automatic maximum)")
-    f.add_argument("--cut-minutes", type=float, default=10.0, help="a scene cut this often (tracks restart there)")
+    f.add_argument("--faces", type=positive_int, default=5, help="faces on every frame")
+    f.add_argument("--segment-frames", type=positive_int, default=1800, help="frames per segment (the job's automatic maximum)")
+    f.add_argument("--cut-minutes", type=positive_float, default=10.0, help="a scene cut this often (tracks restart there)")
     f.add_argument("--in-memory", default="", help="comma-separated lengths (minutes) to also finish all in memory")
     return f
 
