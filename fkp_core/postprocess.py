@@ -15,11 +15,14 @@ task that smooths every frame.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from fkp_core.pose import head_pose
+from fkp_core.records import SegmentResult
 from fkp_core.smoothing import OneEuroConfig, smooth_track
 from fkp_core.tables import FaceColumns
 from fkp_core.tracking import SegmentTracks, TrackerConfig, global_track_ids, stitch_segments
@@ -39,31 +42,35 @@ def postprocess_segment(
     return cols
 
 
+def segment_tracks(cols: FaceColumns, result: SegmentResult, keep: np.ndarray | None = None) -> SegmentTracks:
+    """What stitching needs of a segment (``keep``: only these rows, in their order)."""
+    start = int(result.start)
+    last = int(cols.frame_index.max()) + 1 if len(cols) else start
+    end = max(int(result.end) if result.end is not None else last, last)
+    rows = slice(None) if keep is None else keep
+    return SegmentTracks(
+        start=start, end=end, frame_index=cols.frame_index[rows], track_id=cols.track_id[rows], boxes=cols.boxes[rows],
+        keypoints=cols.keypoints_raw[rows], cuts=np.asarray(result.cuts, np.int64),
+        head_signature=np.asarray(result.head_signature, np.float32),
+        tail_signature=np.asarray(result.tail_signature, np.float32),
+    )
+
+
 def postprocess_video(
     segments: Sequence[FaceColumns],
-    stats: Sequence[dict],
+    results: Sequence[SegmentResult],
     frame_size: tuple[int, int],
     smooth: bool = True,
     smoothing: OneEuroConfig | None = None,
     tracker: TrackerConfig | None = None,
 ) -> FaceColumns:
-    """Join a video's segments (each through :func:`postprocess_segment`, in any order, with their stats).
+    """Join a video's segments (each through :func:`postprocess_segment`, in any order, with their results).
 
     Rows come out in frame order with global track ids; a track's keypoints are as if the whole
     track had been smoothed in one pass (see the module docstring).
     """
     cfg = smoothing or OneEuroConfig()
-    tracks = []
-    for cols, st in zip(segments, stats):
-        start = int(st["start"])
-        end = int(st["end"]) if st.get("end") is not None else (int(cols.frame_index.max()) + 1 if len(cols) else start)
-        end = max(end, int(cols.frame_index.max()) + 1 if len(cols) else start)
-        tracks.append(SegmentTracks(
-            start=start, end=end, frame_index=cols.frame_index, track_id=cols.track_id, boxes=cols.boxes,
-            keypoints=cols.keypoints_raw, cuts=np.asarray(st.get("cuts", []), np.int64),
-            head_signature=np.asarray(st.get("head_signature", []), np.float32),
-            tail_signature=np.asarray(st.get("tail_signature", []), np.float32),
-        ))
+    tracks = [segment_tracks(cols, res) for cols, res in zip(segments, results)]
     mappings = stitch_segments(tracks, tracker)
     pieces = []  # per row: which (segment, local track) smoothed it, as one int
     offset = 0
@@ -100,3 +107,119 @@ def _resmooth_boundaries(merged: FaceColumns, rows: np.ndarray, starts: np.ndarr
         out = smooth_track(times[begin:end], merged.keypoints_raw[rows[begin:end]], cfg)
         merged.keypoints[redo] = out[b - begin:]
         merged.pose[redo] = head_pose(merged.keypoints[redo], frame_size)
+
+
+
+# ------------------------------------------------------------------------------------------
+# the same, streamed: one segment in memory at a time
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _TrackSummary:
+    """What the second pass needs of one local track: its time steps (a histogram: few distinct values), ends."""
+
+    steps: Counter
+    first_time: float
+    last_time: float
+    rows: int
+
+
+@dataclass
+class _Carry:
+    """A global track's latest raw rows, as far back as a boundary in a later segment can reach."""
+
+    times: np.ndarray
+    raw: np.ndarray
+
+
+def _summary_rows(cols: FaceColumns, window: int) -> tuple[np.ndarray, dict[int, _TrackSummary]]:
+    """The rows stitching reads (each track's first and last ``window + 1``, in row order) and per-track summaries."""
+    keep, summaries = [], {}
+    for tid in np.unique(cols.track_id):
+        rows = np.flatnonzero(cols.track_id == tid)
+        rows = rows[np.argsort(cols.frame_index[rows], kind="stable")]
+        keep += [rows[:1], rows[-(window + 1):]]
+        times = cols.timestamp_s[rows]
+        summaries[int(tid)] = _TrackSummary(Counter(np.diff(times).tolist()), float(times[0]), float(times[-1]), len(rows))
+    keep = np.unique(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+    return keep, summaries
+
+
+def _median(steps: Counter) -> float:
+    """np.median of the values a histogram counts."""
+    values = sorted(steps)
+    n = sum(steps.values())
+    cum = np.cumsum([steps[v] for v in values])
+    lo, hi = values[int(np.searchsorted(cum, (n - 1) // 2, side="right"))], values[int(np.searchsorted(cum, n // 2, side="right"))]
+    return (lo + hi) / 2
+
+
+def _settle_by_track(summaries: list[dict[int, _TrackSummary]], mappings: list[dict[int, int]], cfg: OneEuroConfig):
+    """-> ({global id: settle seconds of the whole track}, {global id: index of the last segment it has rows in})."""
+    steps: dict[int, Counter] = {}
+    last_time: dict[int, float] = {}
+    count: dict[int, int] = {}
+    last_segment: dict[int, int] = {}
+    for k, (seg, mapping) in enumerate(zip(summaries, mappings)):
+        for local, s in seg.items():
+            g = mapping[local]
+            acc = steps.setdefault(g, Counter())
+            acc.update(s.steps)
+            if g in last_time:
+                acc[s.first_time - last_time[g]] += 1  # the step across the boundary
+            last_time[g], count[g], last_segment[g] = s.last_time, count.get(g, 0) + s.rows, k
+    settle = {g: cfg.settle_seconds(_median(steps[g]) if count[g] > 1 else 1.0) for g in steps}
+    return settle, last_segment
+
+
+def _resmooth_piece(cols: FaceColumns, rows: np.ndarray, carry: _Carry, settle: float, frame_size, cfg: OneEuroConfig) -> None:
+    """The rows of one track's piece that its cold start left unsettled, smoothed again from the carried rows."""
+    times = np.concatenate([carry.times, cols.timestamp_s[rows]])
+    raw = np.concatenate([carry.raw, cols.keypoints_raw[rows]])
+    b = len(carry.times)
+    end = b + int(np.searchsorted(times[b:], times[b] + settle, side="left"))
+    begin = int(np.searchsorted(times, times[b] - settle, side="left"))
+    redo = rows[: end - b]
+    cols.keypoints[redo] = smooth_track(times[begin:end], raw[begin:end], cfg)[b - begin:]
+    cols.pose[redo] = head_pose(cols.keypoints[redo], frame_size)
+
+
+def stitch_stream(load: Callable[[int], FaceColumns], results: Sequence[SegmentResult], frame_size: tuple[int, int],
+                  smooth: bool = True, smoothing: OneEuroConfig | None = None,
+                  tracker: TrackerConfig | None = None) -> Iterator[FaceColumns]:
+    """:func:`postprocess_video`'s rows, equal to them, yielded segment by segment with one segment in memory.
+
+    ``load(k)`` gives segment k's rows (``results`` in frame order); it is called twice per segment.
+    The first pass keeps per-track summaries only (the rows stitching reads: each track's first and
+    last few; its time steps as a histogram); the second relabels, smooths again next to boundaries
+    from a carry of each continuing track's last ``settle`` seconds of raw rows, and yields.
+    """
+    cfg = smoothing or OneEuroConfig()
+    window = (tracker or TrackerConfig()).velocity_window
+    tracks, summaries = [], []
+    for k, res in enumerate(results):
+        cols = load(k)
+        keep, summary = _summary_rows(cols, window)
+        tracks.append(segment_tracks(cols, res, keep))
+        summaries.append(summary)
+        del cols
+    mappings = stitch_segments(tracks, tracker)
+    settle, last_segment = _settle_by_track(summaries, mappings, cfg)
+    carries: dict[int, _Carry] = {}
+    for k, mapping in enumerate(mappings):
+        cols = load(k)
+        cols.track_id = np.array([mapping[int(t)] for t in cols.track_id], np.int64)
+        order = np.lexsort((cols.face_index, cols.frame_index))
+        cols = FaceColumns(*(getattr(cols, f)[order] for f in FaceColumns.__dataclass_fields__))
+        for g in np.unique(cols.track_id).tolist() if smooth else []:
+            rows = np.flatnonzero(cols.track_id == g)
+            if g in carries:
+                _resmooth_piece(cols, rows, carries[g], settle[g], frame_size, cfg)
+            times = np.concatenate([carries[g].times, cols.timestamp_s[rows]]) if g in carries else cols.timestamp_s[rows]
+            raw = np.concatenate([carries[g].raw, cols.keypoints_raw[rows]]) if g in carries else cols.keypoints_raw[rows]
+            held = times >= times[-1] - settle[g]
+            carries[g] = _Carry(times[held], raw[held])
+        for g in [g for g in carries if last_segment[g] <= k]:  # tracks that never come back
+            del carries[g]
+        yield cols

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from fkp_core.constants import IMAGE_EXTENSIONS
 from fkp_core.filters import apply_filters
+from fkp_core.store import atomic_local_path
 from fkp_core.tables import FaceColumns, columns_from_table
 from fkp_core.video import VideoWriter, probe, read_frames
 
@@ -52,9 +53,8 @@ def render_annotated(path: str, video_id: str, rows: pa.Table | FaceColumns, out
         ok, buf = cv2.imencode(suffix, draw(0, np.ascontiguousarray(frame.image)))
         if not ok:
             raise OSError(f"{target}: could not encode image")
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_bytes(buf.tobytes())
-        os.replace(tmp, target)
+        with atomic_local_path(target) as tmp:  # a unique temporary name, removed if the write fails
+            Path(tmp).write_bytes(buf.tobytes())
         return str(target)
     target = Path(out_dir) / f"{video_id}{RENDER_SUFFIX}"
     rate = info.rate if info.rate else info.fps

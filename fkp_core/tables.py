@@ -1,32 +1,21 @@
-"""The Parquet output: schemas of the per-face and per-video tables, and writes that are all-or-nothing.
+"""The Parquet schemas, and the Arrow and JSON forms of the annotate flow's typed records, in one place.
 
-Output folder layout (a local path or any pyarrow filesystem URI such as ``s3://bucket/run``)::
-
-    OUT/part-<video_id>.parquet     faces of one video, ordered by frame then face
-    OUT/_videos.parquet             one row per input: status, counts, timings
-    OUT/_status/<video_id>.json     per-video status records (the source of _videos.parquet)
-    OUT/_segments/<video_id>/...    work in progress, removed when the video is finished
-
-pyarrow (and so pandas) ignores names starting with ``_`` when it reads a folder as a dataset,
-so ``pd.read_parquet(OUT)`` returns the faces of all videos; globbing ``OUT/part-*.parquet``
-does the same in DuckDB and polars. Every file is written under a temporary name and renamed
-(or, on object stores, uploaded in one piece), so a reader never sees half a file.
+FACE_SCHEMA: one row per face per frame (``OUT/part-<video_id>.parquet``, and the segment files a
+run writes on the way); VIDEO_SCHEMA: one row per input (``OUT/_videos.parquet``). The typed values
+(:mod:`fkp_core.records`) become JSON or Arrow only here; where the files live and how they are
+written all-or-nothing is :mod:`fkp_core.store`.
 """
 
 from __future__ import annotations
 
 import json
-import posixpath
-import uuid
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from fkp_core.constants import NUM_KEYPOINTS
+from fkp_core.records import SegmentResult, VideoRecord
 
 KEYPOINT_VALUES = 2 * NUM_KEYPOINTS
 KEYPOINTS_TYPE = pa.list_(pa.float32(), KEYPOINT_VALUES)  # x0, y0, x1, y1, ... in frame pixels
@@ -167,99 +156,48 @@ def columns_from_table(table: pa.Table) -> FaceColumns:
     )
 
 
-# ------------------------------------------------------------------------------------------
-# where the output lives, and writes nobody sees half-done
-# ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Output:
-    """An output folder on some filesystem (local disk, S3, GCS...)."""
-
-    fs: pafs.FileSystem
-    root: str
-    uri: str
-
-    @property
-    def is_local(self) -> bool:
-        return isinstance(self.fs, pafs.LocalFileSystem)
-
-    def path(self, *parts: str) -> str:
-        return posixpath.join(self.root, *parts)
-
-    def part_path(self, video_id: str) -> str:
-        return self.path(f"part-{video_id}.parquet")
-
-    def status_path(self, video_id: str) -> str:
-        return self.path("_status", f"{video_id}.json")
-
-    def segment_dir(self, video_id: str) -> str:
-        return self.path("_segments", video_id)
-
-    def exists(self, path: str) -> bool:
-        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
-
-    def listdir(self, path: str) -> list[str]:
-        info = self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        return sorted(i.path for i in info if i.type == pafs.FileType.File)
-
-    def makedirs(self, path: str) -> None:
-        self.fs.create_dir(path, recursive=True)
-
-    def remove_dir(self, path: str) -> None:
-        if self.exists(path):
-            self.fs.delete_dir(path)
-
-    def write_bytes(self, path: str, data: bytes) -> None:
-        """All-or-nothing write: temp name + rename locally; one upload on object stores."""
-        parent = posixpath.dirname(path)
-        self.makedirs(parent)
-        if self.is_local:
-            tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
-            try:
-                with self.fs.open_output_stream(tmp) as f:
-                    f.write(data)
-                self.fs.move(tmp, path)  # rename(2): atomic on one filesystem
-            except BaseException:
-                if self.exists(tmp):
-                    self.fs.delete_file(tmp)
-                raise
-        else:
-            with self.fs.open_output_stream(path) as f:  # object stores publish on completion
-                f.write(data)
-
-    def write_table(self, path: str, table: pa.Table) -> None:
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
-        self.write_bytes(path, sink.getvalue().to_pybytes())
-
-    def read_table(self, path: str) -> pa.Table:
-        with self.fs.open_input_file(path) as f:
-            return pq.read_table(f)
-
-    def write_json(self, path: str, obj: Any) -> None:
-        self.write_bytes(path, (json.dumps(obj, sort_keys=True) + "\n").encode())
-
-    def read_json(self, path: str) -> Any:
-        with self.fs.open_input_stream(path) as f:
-            return json.loads(f.read().decode())
-
-
-def open_output(uri: str) -> Output:
-    """Resolve a local path or filesystem URI; raises ValueError for a URI pyarrow cannot open."""
-    if "://" in uri:
-        try:
-            fs, root = pafs.FileSystem.from_uri(uri)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
-            raise ValueError(f"{uri}: cannot open this output location ({exc})") from exc
-        return Output(fs, root.rstrip("/"), uri)
-    import os
-
-    root = os.path.abspath(uri)
-    return Output(pafs.LocalFileSystem(), root.replace(os.sep, "/"), root)
-
-
-def videos_table(records: list[dict]) -> pa.Table:
-    """The per-video table from status records (missing keys become nulls)."""
-    cols = {f.name: [r.get(f.name) for r in records] for f in VIDEO_SCHEMA}
+def videos_table(records: list[VideoRecord]) -> pa.Table:
+    """The per-video table from status records."""
+    cols = {f.name: [getattr(r, f.name) for r in records] for f in VIDEO_SCHEMA}
     return pa.Table.from_pydict(cols, schema=VIDEO_SCHEMA)
+
+
+# ------------------------------------------------------------------------------------------
+# typed records <-> their JSON and Arrow forms (the only place they are made)
+# ------------------------------------------------------------------------------------------
+
+_RECORD_FIELDS = {f.name for f in fields(VideoRecord)}
+_SEGMENT_FIELDS = {f.name for f in fields(SegmentResult)} - {"skipped"}
+SEGMENT_STATS_KEY = b"fkp_stats"  # a segment file's SegmentResult, as JSON in its schema metadata
+
+
+def record_to_json(record: VideoRecord) -> dict:
+    """A status record as the JSON object of ``_status/<video_id>.json``."""
+    return asdict(record)
+
+
+def record_from_json(obj: dict) -> VideoRecord:
+    """Back from JSON; keys an older or newer version wrote and this one lacks are ignored."""
+    return VideoRecord(**{k: v for k, v in obj.items() if k in _RECORD_FIELDS})
+
+
+def segment_table(video_id: str, video_path: str, result: SegmentResult, cols: FaceColumns) -> pa.Table:
+    """A segment's rows with its result in the schema metadata (what a resumed run reads back)."""
+    table = faces_table(video_id, video_path, cols)
+    stats = {k: v for k, v in asdict(result).items() if k in _SEGMENT_FIELDS}
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), SEGMENT_STATS_KEY: json.dumps(stats).encode()})
+
+
+def segment_result_from_schema(schema: pa.Schema) -> SegmentResult:
+    """The SegmentResult a segment file carries (raises KeyError when it carries none)."""
+    stats = json.loads((schema.metadata or {})[SEGMENT_STATS_KEY])
+    return SegmentResult(**{k: v for k, v in stats.items() if k in _SEGMENT_FIELDS})
+
+
+def __getattr__(name: str):
+    """``Output`` and ``open_output`` moved to :mod:`fkp_core.store` (the output folder's one owner)."""
+    if name in ("Output", "open_output"):
+        from fkp_core import store
+
+        return getattr(store, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,6 +3,7 @@
     python -m jobs.bench annotate VIDEO... [--detect-every 1,10]   decode-only fps vs the job's fps, per stage
     python -m jobs.bench model [--device cuda] [--threads 1]       CNN ms per face by batch size
     python -m jobs.bench smoothing [--truth-clip examples/sample.mp4]  jitter on a still face, NME on moving faces
+    python -m jobs.bench finalize [--minutes 30,60,120 --faces 5]  peak memory of finishing a video, by length
 
 Machines are shared and noisy: quote ratios measured in one run (job fps / decode-only fps on
 the same file), not absolute numbers from different runs.
@@ -21,6 +22,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from jobs import bench_memory
 from jobs.common import (
     EXIT_OK,
     HelpFormatter,
@@ -39,7 +41,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m jobs.bench", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="what", required=True, metavar="{annotate,model,smoothing,detector}")
+    sub = p.add_subparsers(dest="what", required=True, metavar="{annotate,model,smoothing,detector,finalize}")
     a = sub.add_parser("annotate", help="decode-only fps and end-to-end job fps on the same videos, with per-stage times",
                        formatter_class=HelpFormatter)
     a.add_argument("videos", nargs="+", help="video files (the reference clip: talk_640x480_3000.mp4)")
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--noise", type=non_negative_float, default=4.0, help="sensor noise sigma (gray levels) added to each still frame")
     s.add_argument("--detect-every", default="1,10,30", help="comma-separated K values for the moving-face NME (the first is the reference)")
     s.add_argument("--extra", default="", help="more flags for jobs.annotate, as one string (e.g. '--model fast')")
+    f = bench_memory.add_parser(sub, HelpFormatter)
     d = sub.add_parser("detector", help="YuNet faces per clip and labelled faces found, by score threshold (how the default was chosen)",
                        formatter_class=HelpFormatter)
     d.add_argument("videos", nargs="+", help="development clips (a no-face control, single-person clips, a crowd)")
@@ -74,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--every", type=positive_int, default=2, help="use every Nth labelled face")
     d.add_argument("--yunet-model", action="append", default=None, help="YuNet ONNX file, repeatable (default: the bundled one)")
     d.add_argument("--thresholds", default="0.5,0.6,0.7,0.8,0.9", help="comma-separated score thresholds")
-    for sp in (a, m, s, d):
+    for sp in (a, m, s, d, f):
         sp.add_argument("--json", default=None, help="where to save the figures (default: runs/bench/<what>-<time>.json)")
         add_common_flags(sp)
     add_common_flags(p)
@@ -405,7 +408,8 @@ def bench_detector(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    fn = {"annotate": bench_annotate, "model": bench_model, "smoothing": bench_smoothing, "detector": bench_detector}[args.what]
+    fn = {"annotate": bench_annotate, "model": bench_model, "smoothing": bench_smoothing, "detector": bench_detector,
+          "finalize": bench_memory.bench_finalize}[args.what]
     _save(args, fn(args))
     return EXIT_OK
 

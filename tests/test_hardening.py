@@ -61,17 +61,18 @@ def test_rerun_with_nothing_left_to_do_starts_no_ray(finished, monkeypatch, caps
 
 
 def test_a_segment_reports_frames_as_it_goes(tmp_path):
-    """The segment task tells the progress actor its frame count every PROGRESS_EVERY frames, not once at the end."""
-    from dataclasses import replace
+    """A segment tells its progress callback (the annotator's: the progress actor) its frame count every
+    PROGRESS_EVERY frames, not once at the end."""
+    from fkp_core.records import Segment
+    from fkp_core.segments import annotate_segment, load_network
 
     calls = []
-    fake = SimpleNamespace(set=SimpleNamespace(remote=lambda key, n: calls.append((key, n))))
     args = annotate.build_parser().parse_args([str(SAMPLE), "--out", str(tmp_path / "out")])
     _, _, settings = annotate._check_args(args)
-    settings = replace(settings, annotate=replace(settings.annotate, chunk_frames=1))
-    stats = annotate.run_segment(str(SAMPLE), video_id(SAMPLE), 40, 100, (320, 320), settings, [], progress=fake)
-    assert stats["frames"] == 60
-    assert calls == [(annotate.progress_key(video_id(SAMPLE), 40), n) for n in range(10, 61, 10)]
+    result, _ = annotate_segment(load_network(settings.model), str(SAMPLE), Segment(40, 100), (320, 320), settings,
+                                 on_progress=calls.append)
+    assert result.frames == 60
+    assert calls == list(range(10, 61, 10))
 
 
 def test_the_progress_bar_moves_within_a_segment(tmp_path, capsys):
@@ -197,36 +198,33 @@ def test_a_symlink_loop_gets_a_row_and_a_folder_named_like_a_video_a_message(tmp
 # ---- (e) honest columns ----------------------------------------------------------------------------------
 
 
-def test_seconds_counts_cpu_time_not_time_spent_waiting(tmp_path, monkeypatch):
-    """A segment task that waits (a busy machine, a slow store) spends no CPU meanwhile: `seconds` leaves it out."""
+def test_seconds_counts_cpu_time_not_time_spent_waiting(tmp_path):
+    """A segment that waits (a busy machine, a slow store) spends no CPU meanwhile: `seconds` leaves it out."""
     import time
     from dataclasses import replace
 
-    real = annotate._local_landmarker
+    from fkp_core.records import Segment, VideoPlan, VideoProbe
+    from fkp_core.segments import annotate_segment, finish_stored, load_network
+
+    args = annotate.build_parser().parse_args([str(SAMPLE), "--out", str(tmp_path / "out")])
+    _, out, settings = annotate._check_args(args)
+    network = load_network(settings.model)
     waited = []
 
-    def waiting(model, device):
-        lm = real(model, device)
+    def predict(crops):
+        if not waited:
+            waited.append(2.0)
+            time.sleep(2.0)
+        return network.predict(crops)
 
-        def predict(crops):
-            if not waited:
-                waited.append(2.0)
-                time.sleep(2.0)
-            return lm.predict_crops(crops)
-
-        return SimpleNamespace(predict_crops=predict, size=lm.size, margin=lm.margin)
-
-    monkeypatch.setattr(annotate, "_local_landmarker", waiting)
-    args = annotate.build_parser().parse_args([str(SAMPLE), "--out", str(tmp_path / "out")])
-    _, _, settings = annotate._check_args(args)
-    settings = replace(settings, annotate=replace(settings.annotate, chunk_frames=1))
     vid = video_id(SAMPLE)
-    stats = annotate.run_segment(str(SAMPLE), vid, 0, 40, (320, 320), settings, [])
-    assert waited and stats["seconds_total"] >= 2.0
-    assert stats["cpu_seconds"] <= stats["seconds_total"] - 1.5
-    info = {"frames": SAMPLE_FRAMES, "fps": 25.0, "width": 320, "height": 320, "exact": True}
-    record = annotate.finalize_video({"path": str(SAMPLE), "video_id": vid, "info": info, "segments": [(0, 40)]}, settings)
-    assert 0 < record["seconds"] <= stats["seconds_total"] - 1.5
+    result, cols = annotate_segment(replace(network, predict=predict), str(SAMPLE), Segment(0, 40), (320, 320), settings)
+    assert waited and result.seconds_total >= 2.0
+    assert result.cpu_seconds <= result.seconds_total - 1.5
+    out.write_segment(vid, str(SAMPLE), result, cols)
+    plan = VideoPlan(str(SAMPLE), vid, VideoProbe(frames=SAMPLE_FRAMES, fps=25.0, width=320, height=320), segments=[Segment(0, 40)])
+    record = finish_stored(out, plan, settings)
+    assert 0 < record.seconds <= result.seconds_total - 1.5
 
 
 def _vfr_clip(path: Path) -> tuple[Path, list[float]]:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import mean_face
+from fkp_core.records import SegmentResult
 from fkp_core.pose import head_pose
 from fkp_core.postprocess import postprocess_segment, postprocess_video
 from fkp_core.smoothing import OneEuroConfig, smooth_track
@@ -41,7 +42,7 @@ def _segment(kps: dict[int, tuple[np.ndarray, np.ndarray]], start: int, end: int
         detected=np.ones(n, bool), confidence=np.ones(n, np.float32), keypoints=kp.copy(), keypoints_raw=kp,
         pose=np.zeros((n, 3), np.float32),
     )
-    return postprocess_segment(cols, SIZE), {"start": start, "end": end, "cuts": []}
+    return postprocess_segment(cols, SIZE), SegmentResult(start=start, end=end)
 
 
 @pytest.mark.parametrize("bounds", [[0, 70, 100, 300], [0, 150, 300], [0, 20, 40, 60, 300]])
@@ -84,3 +85,69 @@ def test_without_smoothing_rows_are_raw_and_posed():
     merged = postprocess_video([p[0] for p in parts], [p[1] for p in parts], SIZE, smooth=False)
     np.testing.assert_array_equal(merged.keypoints, faces[0][1])
     np.testing.assert_allclose(merged.pose, head_pose(faces[0][1], SIZE), atol=1e-4)
+
+
+# ---- the finish streamed segment by segment (bounded memory) ----------------------------------------------------
+
+
+def _video(bounds: list[int], cut: int | None = None):
+    """Segments of a synthetic video: a face across every boundary (with a cut), one that comes and goes, one
+    that appears in a short segment and continues; segments shorter than the smoothing's settle time."""
+    frames_a = np.arange(bounds[0], bounds[-1])
+    frames_b = np.concatenate([np.arange(10, 50), np.arange(54, 130)])  # a 3-frame gap inside a track
+    frames_c = np.arange(35, bounds[-1] - 5)
+    faces = {0: (frames_a, _track(frames_a, 0, 60.0)), 1: (frames_b, _track(frames_b, 1, 260.0)),
+             2: (frames_c, _track(frames_c, 2, -150.0))}
+    parts = []
+    for k, (s, e) in enumerate(zip(bounds, bounds[1:])):
+        cols, res = _segment(faces, s, e, {0: 3 * k, 1: 3 * k + 1, 2: 3 * k + 2})
+        if cut is not None and s <= cut < e:
+            res.cuts = [cut]
+            cols.track_id[(cols.track_id == 3 * k) & (cols.frame_index >= cut)] = 99  # the tracker was reset there
+        parts.append((cols, res))
+    return parts
+
+
+@pytest.mark.parametrize("bounds,cut", [([0, 20, 40, 60, 150, 200], 100), ([0, 70, 100, 300], None), ([0, 300], 150)])
+@pytest.mark.parametrize("smooth", [True, False])
+def test_streamed_finish_equals_the_one_in_memory(bounds, cut, smooth):
+    from fkp_core.postprocess import stitch_stream
+
+    parts = _video(bounds, cut)
+    results = [r for _, r in parts]
+    whole = postprocess_video([c for c, _ in _video(bounds, cut)], results, SIZE, smooth=smooth)
+    fresh = _video(bounds, cut)  # the stream changes what it loads in place, as the in-memory join does
+    streamed = FaceColumns.concat(list(stitch_stream(lambda k: fresh[k][0], results, SIZE, smooth=smooth)))
+    assert len(np.unique(whole.track_id)) >= 3
+    for name in FaceColumns.__dataclass_fields__:
+        assert np.array_equal(getattr(streamed, name), getattr(whole, name)), name
+
+
+def test_the_streamed_finish_holds_one_segment_at_a_time():
+    """Segments are loaded in order, each once per pass, and a segment's rows are out before the next is loaded;
+    the peak memory of 4x as many segments is that of a few (what the all-in-memory join cannot do)."""
+    import tracemalloc
+
+    from fkp_core.postprocess import stitch_stream
+
+    def peak(segments: int) -> int:
+        bounds = list(range(0, 150 * segments + 1, 150))
+        results = [SegmentResult(s, e) for s, e in zip(bounds, bounds[1:])]
+        calls: list[int] = []
+
+        def load(k: int) -> FaceColumns:
+            calls.append(k)
+            frames = np.arange(bounds[k], bounds[k + 1])
+            faces = {0: (frames, _track(frames, k, 60.0)), 1: (frames, _track(frames, 100 + k, 300.0))}
+            return _segment(faces, bounds[k], bounds[k + 1], {0: 0, 1: 1})[0]
+
+        tracemalloc.start()
+        for k, cols in enumerate(stitch_stream(load, results, SIZE)):
+            assert calls == list(range(segments)) + list(range(k + 1))  # the next one not yet loaded
+            assert cols.frame_index.min() >= bounds[k] and cols.frame_index.max() < bounds[k + 1]
+        top = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return top
+
+    small, large = peak(6), peak(24)
+    assert large < 1.3 * small, (small, large)
