@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fkp_core.constants import MIN_FACE_CONFIDENCE
 from jobs.annotate_support import (
     Progress,
     check_resources,
@@ -55,6 +56,7 @@ from jobs.common import (
     positive_float,
     positive_int,
     run_main,
+    unit_interval,
     use_gpus,
 )
 
@@ -95,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the face detector every K frames and track faces from their keypoints in between (fast path); 1 = detect on every frame")
     add_detector_flags(g)
     g.add_argument("--refine", type=non_negative_int, default=1, help="extra CNN passes re-cropped around the prediction on detection frames")
+    g.add_argument("--min-confidence", type=unit_interval, default=MIN_FACE_CONFIDENCE, metavar="C",
+                   help=f"drop faces whose confidence (the confidence column: detector score, keypoint scores and fit, "
+                        f"fkp_core.confidence) is below C; they are neither written nor tracked. 0 keeps every face "
+                        f"(default: {MIN_FACE_CONFIDENCE})")
     g.add_argument("--no-smooth", action="store_true", help="do not smooth keypoints over time (the raw CNN output is kept in keypoints_raw either way)")
     g = p.add_argument_group("resources")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the CNN runs; auto: on GPU model actors when the cluster has GPUs")
@@ -525,7 +531,7 @@ def _settings(args: argparse.Namespace, device: str) -> Settings:
     return Settings(
         out=args.out, model=model_path, model_name=f"{Path(model_path).stem} ({loaded.metadata.get('sha256', '')[:12]})",
         device=device, detector=detector_spec(args),
-        annotate=AnnotateConfig(detect_every=args.detect_every, refine=args.refine),
+        annotate=AnnotateConfig(detect_every=args.detect_every, refine=args.refine, min_face_confidence=args.min_confidence),
         smooth=not args.no_smooth, render=args.render, filters=filters, segment_frames=args.segment_frames,
         sample_fps=args.sample_fps,
     )
