@@ -8,7 +8,7 @@ Two ways through the frames:
 
 * frame by frame (the default): Haar every ``detect_every`` frames (every frame when K = 1); on
   the others each tracked face is cropped around its previous keypoints (the framing the model
-  was trained on) and predicted again. A face whose fit is lost (consistency below
+  was trained on) and predicted again. A face whose fit is lost (face confidence below
   ``min_confidence``) triggers a detection on that very frame; a tracked face the detector
   misses on a detection frame is kept while its fit holds (Haar drops faces for single frames).
   After a face is lost, and on the first frame of a new shot, the detector runs on every frame

@@ -6,7 +6,9 @@ that detections that are not the annotated face exist; each detection is cropped
 scored exactly as ``jobs.annotate`` does on a detection frame (:func:`fkp_core.confidence.face_confidence`),
 and is a positive when its crop box overlaps the annotated face's (IoU >= ``MATCH_IOU``), a negative
 otherwise. Written to DIR: ``report.json`` (ROC AUC of the confidence and of each of its parts per
-source, the ROC points, the keypoint-score calibration), ``roc.png``. The calibration bins every
+source, the ROC points, the keypoint-score calibration), ``roc.png`` and ``<source>_unmatched.png`` (the
+unmatched detections with their confidence: data sets annotate one face per image, so other faces in
+the picture count as unmatched). The calibration bins every
 matched face's points by their score and gives the mean point error over the inter-ocular distance
 per bin (and the same per face, by mean score against the face's NME).
 """
@@ -33,6 +35,7 @@ def collect(landmarker, records, images, spec, score_threshold: float) -> dict:
 
     detector = make_detector(replace(spec, score_threshold=score_threshold))
     rows = {"det": [], "kscores": [], "consistency": [], "matched": [], "errors": []}
+    tiles = []  # the unmatched detections' boxes, to look at (unannotated faces are among them)
     for rec, img in zip(records, images):
         detections = detector.detect(img)
         boxes, angles = detector.calibration.crop_regions(detections, landmarker.upright)
@@ -47,9 +50,38 @@ def collect(landmarker, records, images, spec, score_threshold: float) -> dict:
         rows["consistency"].append(np.array([keypoint_consistency(b, k, upright=landmarker.upright) for b, k in zip(crops, kps)]))
         rows["matched"].append(matched)
         rows["errors"].append(np.linalg.norm(kps - rec.keypoints[None], axis=-1) / iod)
+        tiles += [_tile(img, boxes[i]) for i in np.flatnonzero(~matched)]
     if not rows["det"]:
         raise ValueError("no detections at all")
-    return {k: np.concatenate(vs).astype(np.float64) for k, vs in rows.items()}
+    data = {k: np.concatenate(vs).astype(np.float64) for k, vs in rows.items()}
+    data["tiles"] = tiles
+    return data
+
+
+def _tile(image: np.ndarray, box: np.ndarray, side: int = 80) -> np.ndarray:
+    """The detection's crop box from the image (black outside it), ``side`` pixels square, gray."""
+    import cv2
+
+    from fkp_core.transforms import to_gray
+
+    x, y, w, h = box
+    m = np.array([[side / w, 0, -x * side / w], [0, side / h, -y * side / h]])
+    return cv2.warpAffine(to_gray(image), m, (side, side), flags=cv2.INTER_AREA, borderValue=0)
+
+
+def tile_sheet(tiles: list, confidences: np.ndarray, columns: int = 8) -> np.ndarray:
+    """The unmatched detections side by side, each labelled with its number and confidence."""
+    import cv2
+
+    side = tiles[0].shape[0]
+    sheet = np.zeros((-(-len(tiles) // columns) * side, columns * side), np.uint8)
+    for i, (t, c) in enumerate(zip(tiles, confidences)):
+        r, q = divmod(i, columns)
+        cell = t.copy()
+        cv2.rectangle(cell, (0, 0), (side - 1, 12), 0, -1)
+        cv2.putText(cell, f"#{i} {c:.2f}", (2, 10), cv2.FONT_HERSHEY_SIMPLEX, 0.35, 255, 1, cv2.LINE_AA)
+        sheet[r * side : (r + 1) * side, q * side : (q + 1) * side] = cell
+    return sheet
 
 
 def spread_range(landmarker, records, images) -> tuple[float, float]:
@@ -162,13 +194,45 @@ def roc_png(curves: dict, path: Path) -> None:
         cv2.putText(img, f"{k / 5:.1f}", (left - 30, y + 4), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
     cv2.rectangle(img, (left, top), (left + side, top + side), (0, 0, 0), 1)
     cv2.putText(img, "false positive rate", (left + side // 2 - 70, h - 22), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(img, "ROC of the face confidence", (left, 20), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(img, "ROC of the face confidence (y: true positive rate)", (left, 20), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     for i, (name, (fpr, tpr)) in enumerate(curves.items()):
         color = PALETTE[i % len(PALETTE)]
         pts = np.stack([left + np.asarray(fpr) * side, top + side - np.asarray(tpr) * side], axis=1)
         cv2.polylines(img, [np.round(pts * 16).astype(np.int32)], False, color, 2, cv2.LINE_AA, shift=4)
         cv2.putText(img, name, (left + side - 200, top + side - 14 - 18 * i), font, 0.45, color, 1, cv2.LINE_AA)
     write_png(path, img)
+
+
+def fit_all(landmarker, all_data: list[dict], spread_data: tuple[list, list]) -> dict:
+    """Fit the face confidence's weights (with and without a detector score) and measure the keypoint score's
+    spread range on training sources; print them as the constants they become."""
+    merged = {k: np.concatenate([d[k] for d in all_data]) for k in all_data[0] if k != "tiles"}
+    x, y = features(merged), merged["matched"].astype(float)
+    w, w1 = fit_logistic(x, y), fit_logistic(x[:, 1:], y)
+    sharp, flat = spread_range(landmarker, *spread_data)
+    print(f"keypoint score range of this model: KEYPOINT_SPREAD_SHARP = {sharp:.3f}, KEYPOINT_SPREAD_FLAT = {flat:.3f} "
+          f"(or \"keypoint_score\": {{\"sharp\": {sharp:.3f}, \"flat\": {flat:.3f}}} in the model's JSON)")
+    print(f"fitted face confidence weights: FACE_CONF_BIAS = {w[0]:.3f}, FACE_CONF_DETECTOR = {w[1]:.3f}, FACE_CONF_FIT = {w[2]:.3f}, "
+          f"FACE_CONF_FIT_ONLY_BIAS = {w1[0]:.3f}, FACE_CONF_FIT_ONLY = {w1[1]:.3f} ({len(y)} detections, {int(y.sum())} matched)")
+    return {"bias": float(w[0]), "detector": float(w[1]), "fit": float(w[2]), "fit_only_bias": float(w1[0]), "fit_only": float(w1[1]),
+            "detections": int(len(y)), "matched": int(y.sum()), "keypoint_spread_sharp": sharp, "keypoint_spread_flat": flat}
+
+
+def write_report(out_dir: str, report: dict, curves: dict, per_source: dict) -> None:
+    """report.json, roc.png and each source's sheet of unmatched detections."""
+    from fkp_core.confidence import face_confidence
+    from fkp_core.viz import write_png
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    roc_png(curves, out / "roc.png")
+    for label, data in per_source.items():
+        if data["tiles"]:
+            unmatched = ~data["matched"].astype(bool)
+            conf = face_confidence(data["det"][unmatched], data["kscores"][unmatched], data["consistency"][unmatched])
+            write_png(out / f"{label}_unmatched.png", tile_sheet(data["tiles"], conf))
+    print(f"confidence report: {out / 'report.json'}")
 
 
 def run_report(landmarker, sources: list, spec, args, out_dir: str | None) -> dict:
@@ -186,30 +250,16 @@ def run_report(landmarker, sources: list, spec, args, out_dir: str | None) -> di
         per_source[src.label] = data
     report: dict = {"score_threshold": args.report_score_threshold, "command": args.command, "sources": {}}
     if args.fit_confidence:
-        merged = {k: np.concatenate([d[k] for d in all_data]) for k in all_data[0]}
-        x, y = features(merged), merged["matched"].astype(float)
-        w, w1 = fit_logistic(x, y), fit_logistic(x[:, 1:], y)
-        report["fitted"] = {"bias": float(w[0]), "detector": float(w[1]), "fit": float(w[2]), "fit_only_bias": float(w1[0]),
-                            "fit_only": float(w1[1]), "detections": int(len(y)), "matched": int(y.sum())}
-        sharp, flat = spread_range(landmarker, *spread_data)
-        report["fitted"].update(keypoint_spread_sharp=sharp, keypoint_spread_flat=flat)
-        print(f"keypoint score range of this model: KEYPOINT_SPREAD_SHARP = {sharp:.3f}, KEYPOINT_SPREAD_FLAT = {flat:.3f} "
-              f"(or \"keypoint_score\": {{\"sharp\": {sharp:.3f}, \"flat\": {flat:.3f}}} in the model's JSON)")
-        print(f"fitted face confidence weights: FACE_CONF_BIAS = {w[0]:.3f}, FACE_CONF_DETECTOR = {w[1]:.3f}, FACE_CONF_FIT = {w[2]:.3f}, "
-              f"FACE_CONF_FIT_ONLY_BIAS = {w1[0]:.3f}, FACE_CONF_FIT_ONLY = {w1[1]:.3f} ({len(y)} detections, {int(y.sum())} matched)")
+        report["fitted"] = fit_all(landmarker, all_data, spread_data)
     curves = {}
     for label, data in per_source.items():
         rep = summarize(data)
         report["sources"][label] = rep
         curves[f"{label} AUC {rep['auc_confidence']:.3f}" if rep["auc_confidence"] is not None else label] = (rep["roc"]["fpr"], rep["roc"]["tpr"])
-        print(f"{label:>10}: {rep['detections']} detections ({rep['matched']} matched) | ROC AUC confidence "
+        print(f"{label:>10}: {rep['detections']} detections ({rep['matched']} matched) | ROC AUC "
               + " ".join(f"{k[4:]} {v:.4f}" for k, v in rep.items() if k.startswith("auc_") and v is not None))
         for row in rep["calibration"]:
             print(f"{'':>12}score {row['bin']}: {row['points']} points, error {row['point_error']}, {row['faces']} faces, NME {row['face_nme']}")
     if out_dir:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-        roc_png(curves, out / "roc.png")
-        print(f"confidence report: {out / 'report.json'}")
+        write_report(out_dir, report, curves, per_source)
     return report
