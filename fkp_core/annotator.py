@@ -34,6 +34,7 @@ from fkp_core.detector import FaceDetector, iou
 from fkp_core.landmarks import keypoints_and_scores_for_boxes
 from fkp_core.tables import FaceColumns
 from fkp_core.tracking import (
+    REDETECT_BELOW,
     SCENE_CUT_THRESHOLD,
     Tracker,
     TrackerConfig,
@@ -274,7 +275,7 @@ class SegmentAnnotator:
             keep = _dedupe(t_kps, t_conf)
             t_kps, t_boxes, t_conf, t_misses, t_ids = t_kps[keep], t_boxes[keep], t_conf[keep], misses[keep], prev_ids[keep]
             t_scores, t_fit, t_det = t_scores[keep], t_fit[keep], prev_det[keep]
-            ok = t_conf >= thr
+            ok = (t_conf >= thr) & (t_fit >= REDETECT_BELOW)  # a confident face whose fit still sits in its crop
             if since >= K or not ok.all() or search > 0:
                 since = 1
                 boxes, angles, d_scores = self._detect(frame.gray)

@@ -101,5 +101,11 @@ FACE_CONF_FIT_ONLY_BIAS = -7.75
 FACE_CONF_FIT_ONLY = 25.37
 FACE_DETECTOR_SCORE_CLIP = (0.01, 0.99)  # detector scores are clipped to this before the logit (Haar says 1 for all)
 FACE_FIT_UNKNOWN = 0.5  # the fit term of models without per-keypoint scores (fully connected heads)
-MIN_FACE_CONFIDENCE = 0.5  # jobs.annotate --min-confidence default: faces below it are dropped
-REDETECT_CONFIDENCE = 0.5  # the fast path runs the detector when a tracked face's confidence falls below it
+# jobs.annotate --min-confidence default: faces below it are dropped. Chosen on the development clips: the
+# logistic model is fitted on clean still images, where real faces have high detector scores, so on video it
+# undervalues real faces with middling detector scores (turned, small); the false ones it must drop (Haar's,
+# YuNet's on ears and backs of heads) score far below this (docs/confidence.md)
+MIN_FACE_CONFIDENCE = 0.1
+# the fast path runs the detector when a tracked face's confidence falls below this (or its fit's
+# consistency below tracking.REDETECT_BELOW), and keeps a face the detector missed only above both
+REDETECT_CONFIDENCE = MIN_FACE_CONFIDENCE

@@ -82,8 +82,8 @@ def test_face_confidence_separates_faces_from_non_faces(landmarker, faces):
     other += [np.full((size, size), 128, np.uint8), np.zeros((size, size), np.uint8), rng.integers(0, 256, (size, size)).astype(np.uint8)]
     det = np.full(len(real) + len(other), 0.9)  # the same detector evidence for all: the fit must tell them apart
     conf = face_confidence(det, _scores(landmarker, real + other))
-    assert conf[: len(real)].min() > MIN_FACE_CONFIDENCE + 0.2
-    assert conf[len(real) :].max() < MIN_FACE_CONFIDENCE - 0.05
+    assert conf[: len(real)].min() > 0.7
+    assert conf[len(real) :].max() < 0.45
     assert conf[: len(real)].min() - conf[len(real) :].max() > 0.3
 
 
@@ -150,7 +150,7 @@ class _FixedDetector:
         return Detections(d.boxes, np.full(len(d), self.score, np.float32), d.points)
 
 
-@pytest.mark.parametrize("score,scored", [(0.9, True), (1.0, False)])
+@pytest.mark.parametrize("score,scored", [(0.85, True), (1.0, False)])  # 0.85: within YuNet's scores on ears and backs of heads
 @pytest.mark.parametrize("k", [1, 2])
 def test_threshold_drops_a_false_face(landmarker, faces, score, scored, k):
     gray, kp = faces[0]
