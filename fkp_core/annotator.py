@@ -8,7 +8,7 @@ Two ways through the frames:
 
 * frame by frame (the default): Haar every ``detect_every`` frames (every frame when K = 1); on
   the others each tracked face is cropped around its previous keypoints (the framing the model
-  was trained on) and predicted again. A face whose fit is lost (consistency below
+  was trained on) and predicted again. A face whose fit is lost (face confidence below
   ``min_confidence``) triggers a detection on that very frame; a tracked face the detector
   misses on a detection frame is kept while its fit holds (Haar drops faces for single frames).
   After a face is lost, and on the first frame of a new shot, the detector runs on every frame
@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fkp_core.constants import NUM_KEYPOINTS
+from fkp_core.confidence import face_confidence
+from fkp_core.constants import MIN_FACE_CONFIDENCE, NUM_KEYPOINTS, REDETECT_CONFIDENCE
 from fkp_core.detector import FaceDetector, iou
-from fkp_core.landmarks import keypoints_for_boxes
+from fkp_core.landmarks import keypoints_and_scores_for_boxes
 from fkp_core.tables import FaceColumns
 from fkp_core.tracking import (
     REDETECT_BELOW,
@@ -43,7 +44,7 @@ from fkp_core.tracking import (
 )
 from fkp_core.transforms import box_from_keypoints, face_frame, to_gray
 
-PredictFn = Callable[[np.ndarray], np.ndarray]  # (N, S, S) uint8 crops -> (N, 68, 2) in [-1, 1]
+PredictFn = Callable[[np.ndarray], np.ndarray]  # (N, S, S) uint8 crops -> (N, 68, 2) in [-1, 1], or (N, 68, 3) with point scores
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,9 @@ class AnnotateConfig:
     detect_every: int = 1
     refine: int = 1  # extra CNN passes re-cropped around the prediction, on detection frames
     chunk_frames: int = 1  # > 1 with detect_every 1: batch the CNN over this many frames (model actors)
-    min_confidence: float = REDETECT_BELOW  # fast path: below this a tracked face is re-detected at once
+    min_confidence: float = REDETECT_CONFIDENCE  # fast path: below this face confidence a tracked face is re-detected at once
+    # faces below this confidence (fkp_core.confidence.face_confidence) are dropped, never written nor tracked; 0 keeps all
+    min_face_confidence: float = MIN_FACE_CONFIDENCE
     # a tracked face the detector has not seen for this many frames (and at least 2 detection frames) is dropped
     max_unconfirmed_frames: int = 10
     upright: bool = True  # crops turned so the eyes are level (detector eye points, then the keypoints)
@@ -150,17 +153,19 @@ class SegmentAnnotator:
         if signature is not None:
             self.stats.tail_signature = signature.tolist()
 
-    def _detect(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The crop boxes (N, 4) and angles (N,) of the faces the detector finds, through its calibration."""
+    def _detect(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The crop boxes (N, 4), angles (N,) and detector scores (N,) of the faces the detector finds, through its calibration."""
         t0 = time.perf_counter()
         detections = self.detector.detect(gray)
-        regions = self.detector.calibration.crop_regions(detections, self.config.upright)
+        boxes, angles = self.detector.calibration.crop_regions(detections, self.config.upright)
         self.stats.seconds["detect"] += time.perf_counter() - t0
         self.stats.detections += 1
-        return regions
+        scores = detections.scores if getattr(self.detector, "scored", True) else np.full(len(boxes), np.nan)
+        return boxes, angles, np.asarray(scores, np.float64).reshape(len(boxes))
 
-    def _predict(self, grays: list[np.ndarray], boxes: list[np.ndarray], angles: list[np.ndarray] | None = None) -> list[np.ndarray]:
-        """Keypoints (Ni, 68, 2) in frame pixels for the boxes of each frame, one network call."""
+    def _predict(self, grays: list[np.ndarray], boxes: list[np.ndarray],
+                 angles: list[np.ndarray] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Keypoints (Ni, 68, 2) in frame pixels for the boxes of each frame and their scores (Ni, 68), one network call."""
         cnn = 0.0
 
         def timed(crops: np.ndarray) -> np.ndarray:
@@ -171,23 +176,24 @@ class SegmentAnnotator:
             return out
 
         t0 = time.perf_counter()
-        result = keypoints_for_boxes(timed, grays, boxes, self.size, self.margin, angles)
+        result = keypoints_and_scores_for_boxes(timed, grays, boxes, self.size, self.margin, angles)
         self.stats.seconds["cnn"] += cnn
         self.stats.seconds["other"] += time.perf_counter() - t0 - cnn
         return result
 
     def _predict_refined(
-        self, grays: list[np.ndarray], boxes: list[np.ndarray], angles: list[np.ndarray]
-    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Keypoints after ``refine`` re-crops, and the consistency of the last pass with its crop."""
-        kps = self._predict(grays, boxes, angles)
+        self, grays: list[np.ndarray], boxes: list[np.ndarray], angles: list[np.ndarray], det_scores: list[np.ndarray]
+    ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """Keypoints after ``refine`` re-crops, the face confidence of each (detector score, point scores
+        and consistency of the last pass with its crop), and the point scores."""
+        kps, scores = self._predict(grays, boxes, angles)
         crop_boxes = boxes
         for _ in range(self.config.refine):
             frames = [self._frame(k) if len(k) else (b, a) for k, b, a in zip(kps, boxes, angles)]
             crop_boxes = [f[0] for f in frames]
-            kps = self._predict(grays, crop_boxes, [f[1] for f in frames])
-        conf = [self._consistency(b, k) for b, k in zip(crop_boxes, kps)]
-        return kps, conf
+            kps, scores = self._predict(grays, crop_boxes, [f[1] for f in frames])
+        conf = [face_confidence(d, sc, self._consistency(b, k)) for b, k, sc, d in zip(crop_boxes, kps, scores, det_scores)]
+        return kps, conf, scores
 
     def _frame(self, kps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Crop boxes and angles around (N, 68, 2) keypoints: the framing the model was trained on."""
@@ -198,9 +204,10 @@ class SegmentAnnotator:
         return np.array([keypoint_consistency(b, k, upright=up) for b, k in zip(crop_boxes, kps)], np.float32).reshape(len(kps))
 
     def _emit(self, frame: _Frame, boxes: np.ndarray, kps: np.ndarray, detected: np.ndarray, confidence: np.ndarray,
-              continues: np.ndarray | None = None) -> np.ndarray:
+              continues: np.ndarray | None = None, scores: np.ndarray | None = None) -> np.ndarray:
         """Record a frame's faces; returns their track ids (in the order given)."""
         n = len(kps)
+        scores = np.full((n, NUM_KEYPOINTS), np.nan, np.float32) if scores is None else np.asarray(scores, np.float32)
         if frame.cut:
             self.tracker.reset()
         ids = self.tracker.update(frame.index, boxes, kps, continues)
@@ -220,6 +227,7 @@ class SegmentAnnotator:
                 keypoints=kps[order],
                 keypoints_raw=kps[order],
                 pose=np.zeros((n, 3), np.float32),
+                keypoint_scores=scores[order],
             )
         )
         return ids
@@ -238,9 +246,10 @@ class SegmentAnnotator:
         grays = [f.gray for f in chunk]
         regions = [self._detect(g) for g in grays]
         boxes = [r[0] for r in regions]
-        kps, conf = self._predict_refined(grays, boxes, [r[1] for r in regions])
-        for f, b, k, c in zip(chunk, boxes, kps, conf):
-            self._emit(f, b, k, np.ones(len(k), bool), c)
+        kps, conf, scores = self._predict_refined(grays, boxes, [r[1] for r in regions], [r[2] for r in regions])
+        for f, b, k, c, sc in zip(chunk, boxes, kps, conf, scores):
+            keep = c >= self.config.min_face_confidence
+            self._emit(f, b[keep], k[keep], np.ones(int(keep.sum()), bool), c[keep], scores=sc[keep])
 
     def _run_fast_path(self, frames: Iterator[_Frame]) -> None:
         K = self.config.detect_every
@@ -248,37 +257,49 @@ class SegmentAnnotator:
         max_misses = max(2, -(-self.config.max_unconfirmed_frames // K))
         prev = np.zeros((0, NUM_KEYPOINTS, 2), np.float32)
         prev_ids = np.zeros(0, np.int64)  # their track ids: a face followed through its own crop keeps its id
+        prev_det = np.zeros(0)  # the detector score each tracked face carries: its last detection's
         misses = np.zeros(0, int)  # detection frames in a row on which the detector did not see the tracked face
         since = K  # frames since the last detection; K forces one on the first frame
         search = 0  # frames left in which to detect on every frame: a face was just lost, or a shot began
         for frame in frames:
             if frame.cut:  # a new shot: nothing carries over, look again (and keep looking for K frames)
-                prev, prev_ids, misses, since, search = prev[:0], prev_ids[:0], misses[:0], K, K
+                prev, prev_ids, prev_det, misses, since, search = prev[:0], prev_ids[:0], prev_det[:0], misses[:0], K, K
             # every tracked face: crop around its previous keypoints, predict again
             t_boxes, t_angles = self._frame(prev) if len(prev) else (np.zeros((0, 4)), np.zeros(0))
-            t_kps = self._predict([frame.gray], [t_boxes], [t_angles])[0] if len(prev) else prev
-            t_conf = self._consistency(t_boxes, t_kps)
+            if len(prev):
+                t_kps, t_scores = (x[0] for x in self._predict([frame.gray], [t_boxes], [t_angles]))
+            else:
+                t_kps, t_scores = prev, np.zeros((0, NUM_KEYPOINTS), np.float32)
+            t_fit = self._consistency(t_boxes, t_kps)
+            t_conf = face_confidence(prev_det, t_scores, t_fit)
             keep = _dedupe(t_kps, t_conf)
             t_kps, t_boxes, t_conf, t_misses, t_ids = t_kps[keep], t_boxes[keep], t_conf[keep], misses[keep], prev_ids[keep]
-            ok = t_conf >= thr
+            t_scores, t_fit, t_det = t_scores[keep], t_fit[keep], prev_det[keep]
+            ok = (t_conf >= thr) & (t_fit >= REDETECT_BELOW)  # a confident face whose fit still sits in its crop
             if since >= K or not ok.all() or search > 0:
                 since = 1
-                boxes, angles = self._detect(frame.gray)
+                boxes, angles, d_scores = self._detect(frame.gray)
                 matched = np.zeros(len(t_kps), bool)
                 new = np.ones(len(boxes), bool)
                 if len(boxes) and ok.any():
                     overlap = (iou(boxes, box_from_keypoints(t_kps)) > 0.3) & ok[None, :]
                     new = ~overlap.any(axis=1)
                     matched = overlap.any(axis=0)
+                    # a tracked face the detector sees again takes its new score
+                    seen = np.where(overlap, d_scores[:, None], -np.inf).max(axis=0)
+                    t_det = np.where(matched, seen, t_det)
                 # a tracked face the detector missed stays while its fit holds, but only for a few
                 # detection frames: the fit cannot tell a face from a patch that merely looks stable
                 t_misses = np.where(matched, 0, t_misses + 1)
+                t_conf = face_confidence(t_det, t_scores, t_fit)
                 stay = ok & (t_misses <= max_misses)
-                d_kps, d_conf = self._predict_refined([frame.gray], [boxes[new]], [angles[new]])
+                d_kps, d_conf, d_kscores = self._predict_refined([frame.gray], [boxes[new]], [angles[new]], [d_scores[new]])
                 out_kps = np.concatenate([t_kps[stay], d_kps[0]]).astype(np.float32)
                 out_boxes = np.concatenate([t_boxes[stay], boxes[new]])
                 detected = np.concatenate([matched[stay], np.ones(int(new.sum()), bool)])
                 out_conf = np.concatenate([t_conf[stay], d_conf[0]])
+                out_scores = np.concatenate([t_scores[stay], d_kscores[0]])
+                out_det = np.concatenate([t_det[stay], d_scores[new]])
                 misses = np.concatenate([t_misses[stay], np.zeros(int(new.sum()), int)])
                 continues = np.concatenate([t_ids[stay], np.full(int(new.sum()), -1, np.int64)])
                 # Haar often misses a face for a frame or two: after losing one, look on every frame
@@ -292,9 +313,11 @@ class SegmentAnnotator:
             else:
                 since += 1
                 out_kps, out_boxes, detected, out_conf, misses = t_kps, t_boxes, np.zeros(len(t_kps), bool), t_conf, t_misses
-                continues = t_ids
-            prev_ids = self._emit(frame, out_boxes, out_kps, detected, out_conf, continues)
-            prev = out_kps
+                out_scores, out_det, continues = t_scores, t_det, t_ids
+            # faces too unlikely to be faces are neither written nor followed
+            sure = out_conf >= self.config.min_face_confidence
+            prev_ids = self._emit(frame, out_boxes[sure], out_kps[sure], detected[sure], out_conf[sure], continues[sure], out_scores[sure])
+            prev, prev_det, misses = out_kps[sure], out_det[sure], misses[sure]
 
 
 def _dedupe(kps: np.ndarray, conf: np.ndarray, max_iou: float = 0.5) -> np.ndarray:

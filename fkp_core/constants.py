@@ -83,3 +83,32 @@ LEFT_EYE_INNER = 42
 
 # Training: the metric that picks a run's best epoch (mean validation NME over the training sources).
 SELECTION_METRIC = "val_nme"
+
+# Per-keypoint scores (fkp_core.confidence): a point's heatmap spread (RMS distance of its softmax
+# mass from the soft-argmax, in crop units of [-1, 1]) maps to 1 at or below SHARP and to 0 at or
+# above FLAT, linearly in log spread. These are the bundled default model's (a model's JSON can carry
+# its own under "keypoint_score"): SHARP the 5th percentile over labelled training faces (course
+# training + HELEN), FLAT the median over non-face crops of the same images, both printed by
+# `python -m jobs.evaluate --fit-confidence` (docs/confidence.md).
+KEYPOINT_SPREAD_SHARP = 0.225
+KEYPOINT_SPREAD_FLAT = 0.572
+
+# Face confidence (fkp_core.confidence.face_confidence): sigmoid(BIAS + DETECTOR * logit(detector score)
+# + FIT * mean keypoint score) x consistency, the weights fitted by logistic regression on training images
+# (course training + HELEN: `python -m jobs.evaluate --fit-confidence`), never on AFW.
+FACE_CONF_BIAS = -17.54
+FACE_CONF_DETECTOR = 7.06
+FACE_CONF_FIT = 11.87
+# detectors without meaningful scores (Haar): sigmoid(FIT_ONLY_BIAS + FIT_ONLY * mean keypoint score), fitted the same way
+FACE_CONF_FIT_ONLY_BIAS = -7.75
+FACE_CONF_FIT_ONLY = 25.37
+FACE_DETECTOR_SCORE_CLIP = (0.01, 0.99)  # detector scores are clipped to this before the logit (Haar says 1 for all)
+FACE_FIT_UNKNOWN = 0.5  # the fit term of models without per-keypoint scores (fully connected heads)
+# jobs.annotate --min-confidence default: faces below it are dropped. Chosen on the development clips: the
+# logistic model is fitted on clean still images, where real faces have high detector scores, so on video it
+# undervalues real faces with middling detector scores (turned, small); the false ones it must drop (Haar's,
+# YuNet's on ears and backs of heads) score far below this (docs/confidence.md)
+MIN_FACE_CONFIDENCE = 0.1
+# the fast path runs the detector when a tracked face's confidence falls below this (or its fit's
+# consistency below tracking.REDETECT_BELOW), and keeps a face the detector missed only above both
+REDETECT_CONFIDENCE = MIN_FACE_CONFIDENCE

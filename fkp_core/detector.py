@@ -296,6 +296,7 @@ class HaarDetector:
     """Viola-Jones face detection with OpenCV's cascades (frontal face by default)."""
 
     calibration = HAAR_CALIBRATION
+    scored = False  # its scores are all 1: the face confidence then rests on the landmark fit alone
 
     def __init__(self, config: HaarConfig | None = None):
         self.config = config or HaarConfig()

@@ -50,6 +50,15 @@ def keypoints_for_boxes(
 
     Returns (Ni, 68, 2) float32 keypoints per image (shape (0, 68, 2) where it has no box).
     """
+    return keypoints_and_scores_for_boxes(predict_crops, grays, boxes, size, margin, angles)[0]
+
+
+def keypoints_and_scores_for_boxes(
+    predict_crops, grays: Sequence[np.ndarray], boxes: Sequence[np.ndarray], size: int, margin: float,
+    angles: Sequence[np.ndarray] | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """:func:`keypoints_for_boxes` and each point's score: (Ni, 68) float32 per image, NaN where
+    ``predict_crops`` gives no scores (it returns (N, 68, 2) rather than (N, 68, 3))."""
     crops, matrices, owner = [], [], []
     for i, (gray, bxs) in enumerate(zip(grays, boxes)):
         angs = angles[i] if angles is not None else np.zeros(len(bxs))
@@ -59,16 +68,21 @@ def keypoints_for_boxes(
             matrices.append(m)
             owner.append(i)
     result = [np.zeros((0, NUM_KEYPOINTS, 2), np.float32) for _ in grays]
+    scores = [np.zeros((0, NUM_KEYPOINTS), np.float32) for _ in grays]
     if not crops:
-        return result
-    normalized = predict_crops(np.stack(crops))
+        return result, scores
+    normalized = np.asarray(predict_crops(np.stack(crops)))
+    point_scores = normalized[..., 2] if normalized.shape[-1] > 2 else np.full(normalized.shape[:2], np.nan, np.float32)
     per_image: list[list[np.ndarray]] = [[] for _ in grays]
-    for owner_i, kp, m in zip(owner, normalized, matrices):
-        per_image[owner_i].append(uncrop_keypoints(kp, m, size))
+    per_image_scores: list[list[np.ndarray]] = [[] for _ in grays]
+    for owner_i, kp, sc, m in zip(owner, normalized, point_scores, matrices):
+        per_image[owner_i].append(uncrop_keypoints(kp[:, :2], m, size))
+        per_image_scores[owner_i].append(sc)
     for i, kps in enumerate(per_image):
         if kps:
             result[i] = np.stack(kps).astype(np.float32)
-    return result
+            scores[i] = np.stack(per_image_scores[i]).astype(np.float32)
+    return result, scores
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -101,26 +115,41 @@ class Landmarker:
         self.detector = detector if detector is not None else make_detector(DetectorSpec())
         self.refine = refine
         self.upright = upright
-        self.predictor = make_predictor(self.model, self.device, backend)
+        self.predictor = make_predictor(self.model, self.device, backend, scores=True)
 
     def predict_crops(self, crops: np.ndarray) -> np.ndarray:
-        """(N, S, S) gray crops (uint8 or float in [0, 1]) -> (N, 68, 2) keypoints in [-1, 1]."""
+        """(N, S, S) gray crops (uint8 or float in [0, 1]) -> (N, 68, 3) keypoints in [-1, 1] and each point's
+        score in 0..1 (:mod:`fkp_core.confidence`); (N, 68, 2), no scores, for models without a heatmap head."""
         return self.predictor(crops)
 
     def keypoints_in_boxes(
         self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray], angles: Sequence[np.ndarray] | None = None
     ) -> list[np.ndarray]:
         """Keypoints (Ni, 68, 2) in image pixels for the given crop boxes (and angles) of each image, one CNN batch for all."""
+        return self.keypoints_and_scores_in_boxes(images, boxes, angles)[0]
+
+    def keypoints_and_scores_in_boxes(
+        self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray], angles: Sequence[np.ndarray] | None = None
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """:meth:`keypoints_in_boxes` and the points' scores (Ni, 68) of the last pass (NaN: the model has none)."""
+        return self.predict_passes(images, boxes, angles)[:2]
+
+    def predict_passes(
+        self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray], angles: Sequence[np.ndarray] | None = None
+    ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """Keypoints, their scores and the crop boxes (Ni, 4) of the last pass (what the fit's consistency is measured against)."""
         grays = [to_gray(np.asarray(im)) for im in images]
         boxes = [np.asarray(b, dtype=np.float64).reshape(-1, 4) for b in boxes]
-        result = self._predict(grays, boxes, angles)
+        result, scores = self._predict(grays, boxes, angles)
         for _ in range(self.refine):
             frames = [face_frame(k, self.upright) if len(k) else (b, np.zeros(len(b))) for k, b in zip(result, boxes)]
-            result = self._predict(grays, [f[0] for f in frames], [f[1] for f in frames])
-        return result
+            boxes = [f[0] for f in frames]
+            result, scores = self._predict(grays, boxes, [f[1] for f in frames])
+        return result, scores, boxes
 
-    def _predict(self, grays: list[np.ndarray], boxes: list[np.ndarray], angles: Sequence[np.ndarray] | None) -> list[np.ndarray]:
-        return keypoints_for_boxes(self.predict_crops, grays, boxes, self.size, self.margin, angles)
+    def _predict(self, grays: list[np.ndarray], boxes: list[np.ndarray],
+                 angles: Sequence[np.ndarray] | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        return keypoints_and_scores_for_boxes(self.predict_crops, grays, boxes, self.size, self.margin, angles)
 
     def keypoints_for_detections(self, images: Sequence[np.ndarray], detections: Sequence) -> list[np.ndarray]:
         """Keypoints for each image's :class:`~fkp_core.detector.Detections`, cropped through the detector's calibration."""

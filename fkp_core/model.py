@@ -134,8 +134,15 @@ class HeatmapHead(nn.Module):
         cells = size // out_stride
         centers = (torch.arange(cells, dtype=torch.float32) + 0.5) * (2.0 / cells) - 1.0  # cell centres in [-1, 1]
         self.register_buffer("_grid", centers, persistent=False)
+        # heatmap spreads that score 1 and 0 (fkp_core.confidence); a model file's JSON may set its own
+        from fkp_core.constants import KEYPOINT_SPREAD_FLAT, KEYPOINT_SPREAD_SHARP
 
-    def forward(self, stages: list[torch.Tensor]) -> torch.Tensor:
+        self.score_range = (KEYPOINT_SPREAD_SHARP, KEYPOINT_SPREAD_FLAT)
+
+    def forward(self, stages: list[torch.Tensor], scores: bool = False) -> torch.Tensor:
+        """(N, 68, 2) points in [-1, 1]; with ``scores``, (N, 68, 3): x, y and each point's score
+        (:func:`~fkp_core.confidence.heatmap_keypoint_scores`, from the spread of its heatmap: no new
+        weights, so old model files give scores too)."""
         feats = [stages[i] for i in self.levels]
         x = self.lateral[-1](feats[-1])
         for k in range(len(feats) - 2, -1, -1):
@@ -144,9 +151,15 @@ class HeatmapHead(nn.Module):
         logits = self.out(x)  # (N, 68, h, w)
         n, k, h, w = logits.shape
         prob = torch.softmax(logits.flatten(2), dim=-1).view(n, k, h, w)
-        px = (prob.sum(dim=2) * self._grid).sum(-1)
-        py = (prob.sum(dim=3) * self._grid).sum(-1)
-        return torch.stack([px, py], dim=-1)
+        mx, my = prob.sum(dim=2), prob.sum(dim=3)  # marginal distributions over columns and rows
+        px = (mx * self._grid).sum(-1)
+        py = (my * self._grid).sum(-1)
+        if not scores:
+            return torch.stack([px, py], dim=-1)
+        from fkp_core.confidence import heatmap_keypoint_scores
+
+        var = (mx * self._grid**2).sum(-1) - px**2 + (my * self._grid**2).sum(-1) - py**2
+        return torch.stack([px, py, heatmap_keypoint_scores(var, *self.score_range)], dim=-1)
 
 
 class KeypointNet(nn.Module):
@@ -192,17 +205,25 @@ class KeypointNet(nn.Module):
         self.register_buffer("_mean", torch.tensor(config.input_mean), persistent=False)
         self.register_buffer("_std", torch.tensor(config.input_std), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scores: bool = False) -> torch.Tensor:
+        """(N, 68, 2) keypoints; with ``scores`` (heatmap heads only), (N, 68, 3) with each point's score in 0..1."""
+        if scores and self.config.head != "heatmap":
+            raise ValueError("per-keypoint scores need a heatmap head")
         if self.config.backbone != "resnet":
-            return self.head(self.backbone((x - self._mean) / self._std))
+            return self.head(self.backbone((x - self._mean) / self._std), scores)
         x = self.stem((x - self._mean) / self._std)
         outs = []
         for stage in self.stages:
             x = stage(x)
             outs.append(x)
         if self.config.head == "heatmap":
-            return self.head(outs)
+            return self.head(outs, scores)
         return self.head(x).view(-1, NUM_KEYPOINTS, 2)
+
+    @property
+    def has_scores(self) -> bool:
+        """Whether ``forward(x, scores=True)`` works (heatmap heads)."""
+        return self.config.head == "heatmap"
 
     @property
     def first_conv(self) -> nn.Conv2d:

@@ -19,6 +19,7 @@ from fkp_core.records import SegmentResult, VideoRecord
 
 KEYPOINT_VALUES = 2 * NUM_KEYPOINTS
 KEYPOINTS_TYPE = pa.list_(pa.float32(), KEYPOINT_VALUES)  # x0, y0, x1, y1, ... in frame pixels
+KEYPOINT_SCORES_TYPE = pa.list_(pa.float32(), NUM_KEYPOINTS)  # one score in 0..1 per keypoint (NaN: the model gives none)
 
 FACE_SCHEMA = pa.schema(
     [
@@ -39,8 +40,10 @@ FACE_SCHEMA = pa.schema(
         pa.field("yaw", pa.float32(), nullable=False),
         pa.field("pitch", pa.float32(), nullable=False),
         pa.field("roll", pa.float32(), nullable=False),
+        pa.field("keypoint_scores", KEYPOINT_SCORES_TYPE, nullable=False),
     ],
-    metadata={"keypoints": "68 (x, y) pairs in frame pixels, iBUG-68 order, flattened x0,y0,...,x67,y67"},
+    metadata={"keypoints": "68 (x, y) pairs in frame pixels, iBUG-68 order, flattened x0,y0,...,x67,y67",
+              "keypoint_scores": "68 scores in 0..1, how sharply the model located each keypoint (fkp_core.confidence)"},
 )
 
 VIDEO_SCHEMA = pa.schema(
@@ -86,6 +89,11 @@ class FaceColumns:
     keypoints: np.ndarray  # (F, 68, 2) float32
     keypoints_raw: np.ndarray  # (F, 68, 2) float32
     pose: np.ndarray  # (F, 3) float32 yaw, pitch, roll
+    keypoint_scores: np.ndarray | None = None  # (F, 68) float32 in 0..1; None: NaN (no scores)
+
+    def __post_init__(self) -> None:
+        if self.keypoint_scores is None:
+            self.keypoint_scores = np.full((len(self.frame_index), NUM_KEYPOINTS), np.nan, np.float32)
 
     @staticmethod
     def empty() -> FaceColumns:
@@ -130,6 +138,8 @@ def faces_table(video_id: str, video_path: str, cols: FaceColumns) -> pa.Table:
         _keypoint_array(cols.keypoints),
         _keypoint_array(cols.keypoints_raw),
         *(pa.array(pose[:, i], pa.float32()) for i in range(3)),
+        pa.FixedSizeListArray.from_arrays(
+            pa.array(np.asarray(cols.keypoint_scores, np.float32).reshape(-1), pa.float32()), NUM_KEYPOINTS),
     ]
     return pa.Table.from_arrays(arrays, schema=FACE_SCHEMA)
 
@@ -153,6 +163,9 @@ def columns_from_table(table: pa.Table) -> FaceColumns:
         keypoints=kp("keypoints").astype(np.float32),
         keypoints_raw=kp("keypoints_raw").astype(np.float32),
         pose=np.stack([col(c) for c in ("yaw", "pitch", "roll")], axis=1).astype(np.float32).reshape(n, 3),
+        keypoint_scores=(  # part files written before the column existed read as NaN
+            table.column("keypoint_scores").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            .reshape(n, NUM_KEYPOINTS).astype(np.float32) if "keypoint_scores" in table.column_names else None),
     )
 
 

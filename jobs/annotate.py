@@ -25,6 +25,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from fkp_core.constants import MIN_FACE_CONFIDENCE
 from fkp_core.records import Segment, VideoPlan
 from fkp_core.segments import MAX_SEGMENT_FRAMES, MIN_SEGMENT_FRAMES
 from jobs.annotate_support import (
@@ -52,6 +53,7 @@ from jobs.common import (
     init_ray,
     non_negative_int,
     positive_float,
+    unit_interval,
     positive_int,
     run_main,
     use_gpus,
@@ -100,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the face detector every K frames and track faces from their keypoints in between (fast path); 1 = detect on every frame")
     add_detector_flags(g)
     g.add_argument("--refine", type=non_negative_int, default=1, help="extra CNN passes re-cropped around the prediction on detection frames")
+    g.add_argument("--min-confidence", type=unit_interval, default=MIN_FACE_CONFIDENCE, metavar="C",
+                   help=f"drop faces whose confidence (the confidence column: detector score, keypoint scores and fit, "
+                        f"fkp_core.confidence) is below C; they are neither written nor tracked. 0 keeps every face "
+                        f"(default: {MIN_FACE_CONFIDENCE})")
     g.add_argument("--no-smooth", action="store_true", help="do not smooth keypoints over time (the raw CNN output is kept in keypoints_raw either way)")
     g = p.add_argument_group("resources")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the CNN runs; auto: on GPU model actors when the cluster has GPUs")

@@ -35,6 +35,7 @@ from jobs.common import (
     positive_float,
     positive_int,
     run_main,
+    unit_interval,
 )
 
 log = logging.getLogger("fkp.evaluate")
@@ -54,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/eval", help="folder for report.json and the PNGs")
     p.add_argument("--device", default="cpu", help="torch device for the CNN")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    g = p.add_argument_group("face confidence and keypoint scores (instead of the accuracy report)")
+    g.add_argument("--confidence-report", metavar="DIR", default=None,
+                   help="write DIR/report.json (ROC AUC of the face confidence: detections of the annotated face against "
+                        "the other detections; keypoint-score calibration: point error by score) and DIR/roc.png")
+    g.add_argument("--fit-confidence", action="store_true",
+                   help="fit the face confidence's logistic weights on --data (training sources only) and print them")
+    g.add_argument("--report-score-threshold", type=unit_interval, default=0.3,
+                   help="detector score threshold for these measurements: low, so that detections other than the face exist")
+    g.add_argument("--every", type=positive_int, default=1, help="use every N-th labelled image of each source")
     add_common_flags(p)
     return p
 
@@ -153,6 +163,11 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model_arg(args.model, device=args.device)
     spec = detector_spec(args)
     lm = Landmarker(loaded, detector=make_detector(spec), device=args.device, refine=args.refine, upright=not args.no_upright)
+    if args.confidence_report or args.fit_confidence:
+        from jobs.confidence_report import run_report
+
+        run_report(lm, sources, spec, args, args.confidence_report)
+        return EXIT_OK
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {

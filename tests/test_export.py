@@ -114,7 +114,8 @@ def test_plain_csv_and_jsonl_carry_every_value(output):
     df = pd.read_csv(output.parent / "csv" / "clip-0000aaaa.csv")
     scalars = ["video_id", "video_path", "frame_index", "timestamp_s", "face_index", "track_id", "box_x", "box_y", "box_w",
                "box_h", "detected", "confidence"]
-    assert list(df.columns) == scalars + [f"x_{i}" for i in range(68)] + [f"y_{i}" for i in range(68)] + ["yaw", "pitch", "roll"]
+    assert list(df.columns) == (scalars + [f"x_{i}" for i in range(68)] + [f"y_{i}" for i in range(68)] + ["yaw", "pitch", "roll"]
+                                + [f"keypoint_scores_{i}" for i in range(68)])
     for c in scalars:
         if c in ("confidence",):
             np.testing.assert_array_equal(df[c].to_numpy(np.float32), src[c].to_numpy())  # float32 written losslessly
