@@ -169,9 +169,9 @@ def columns_from_table(table: pa.Table) -> FaceColumns:
     )
 
 
-def videos_table(records: list[VideoRecord]) -> pa.Table:
-    """The per-video table from status records."""
-    cols = {f.name: [getattr(r, f.name) for r in records] for f in VIDEO_SCHEMA}
+def videos_table(records: list[VideoRecord | dict]) -> pa.Table:
+    """The per-video table from status records (or their JSON objects, whose missing keys become nulls)."""
+    cols = {f.name: [r.get(f.name) if isinstance(r, dict) else getattr(r, f.name) for r in records] for f in VIDEO_SCHEMA}
     return pa.Table.from_pydict(cols, schema=VIDEO_SCHEMA)
 
 
