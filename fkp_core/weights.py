@@ -133,6 +133,17 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def _read_state_dict(pt_path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, refused unless ``torch.load(weights_only=True)`` reads a plain state_dict."""
+    try:
+        state = torch.load(pt_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError...: all mean "refused"
+        raise ModelFileError(f"{pt_path}: cannot load weights safely ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelFileError(f"{pt_path}: not a state_dict of tensors")
+    return state
+
+
 def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LoadedModel:
     """Load weights + metadata (``path``: a file, a ``BUNDLED_MODELS`` name, or None for the default), in eval mode."""
     pt_path, json_path = _paths(resolve_model_path(path))
@@ -147,12 +158,7 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
         config = ModelConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{json_path}: bad model config ({exc})") from exc
-    try:
-        state = torch.load(pt_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError...: all mean "refused"
-        raise ModelFileError(f"{pt_path}: cannot load weights safely ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelFileError(f"{pt_path}: not a state_dict of tensors")
+    state = _read_state_dict(pt_path)
     model = KeypointNet(config)
     try:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
