@@ -31,7 +31,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from fkp_core.constants import NUM_KEYPOINTS
+from fkp_core.constants import MIN_FACE_CONFIDENCE, NUM_KEYPOINTS
 from fkp_core.tables import Output
 
 FORMATS = ("openface", "csv", "jsonl")
@@ -156,7 +156,8 @@ def openface_rows(batch: pa.RecordBatch) -> np.ndarray:
     n = len(batch)
     kp = keypoint_array(batch)
     conf = _floats(batch, "confidence")
-    success = np.isfinite(kp).all(axis=(1, 2)).astype(np.float64)
+    # OpenFace's success: the fit is one to use (all points found and a confidence the job would keep by default)
+    success = (np.isfinite(kp).all(axis=(1, 2)) & (conf >= MIN_FACE_CONFIDENCE)).astype(np.float64)
     rot = openface_rotation(_floats(batch, "yaw"), _floats(batch, "pitch"), _floats(batch, "roll"))
     cols = np.empty((n, 8 + 2 * NUM_KEYPOINTS), np.float64)
     cols[:, 0] = _floats(batch, "frame_index") + 1

@@ -81,7 +81,13 @@ def test_openface_layout_and_values(output):
     src = pd.read_parquet(output / "part-clip-0000aaaa.parquet")
     assert len(df) == len(src) == 40
     assert (df.frame == src.frame_index + 1).all()  # OpenFace counts frames from 1
-    assert (df.face_id == src.track_id).all() and (df.success == 1).all()
+    assert (df.face_id == src.track_id).all()
+    # success: a fit to use, as OpenFace's flag means: all points and the default --min-confidence
+    from fkp_core.constants import MIN_FACE_CONFIDENCE
+
+    low = src.confidence < MIN_FACE_CONFIDENCE
+    assert low.any() and (~low).any()
+    assert (df.success == np.where(low, 0, 1)).all()
     np.testing.assert_allclose(df.timestamp, src.timestamp_s, atol=5e-4)
     np.testing.assert_allclose(df.confidence, src.confidence, atol=5e-3)
     kp = np.stack(src.keypoints.to_numpy()).reshape(-1, 68, 2)
