@@ -32,7 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fkp_core.constants import MIN_FACE_CONFIDENCE, NUM_KEYPOINTS
-from fkp_core.tables import Output
+from fkp_core.store import Output
 
 FORMATS = ("openface", "csv", "jsonl")
 SUFFIXES = {"openface": ".csv", "csv": ".csv", "jsonl": ".jsonl"}

@@ -26,7 +26,7 @@ from functools import partial
 
 import numpy as np
 
-from fkp_core.tables import Output, open_output
+from fkp_core.store import Output, open_output
 
 log = logging.getLogger("fkp.report")
 

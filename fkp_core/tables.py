@@ -205,12 +205,3 @@ def segment_result_from_schema(schema: pa.Schema) -> SegmentResult:
     """The SegmentResult a segment file carries (raises KeyError when it carries none)."""
     stats = json.loads((schema.metadata or {})[SEGMENT_STATS_KEY])
     return SegmentResult(**{k: v for k, v in stats.items() if k in _SEGMENT_FIELDS})
-
-
-def __getattr__(name: str):
-    """``Output`` and ``open_output`` moved to :mod:`fkp_core.store` (the output folder's one owner)."""
-    if name in ("Output", "open_output"):
-        from fkp_core import store
-
-        return getattr(store, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

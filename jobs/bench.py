@@ -152,7 +152,7 @@ def _sample_fps_flag(text: str) -> list[float | None]:
 
 def _annotate_run(args: argparse.Namespace, path: str, detector: str, k: int, rate: float | None, frames: int, secs: float) -> dict:
     """One jobs.annotate run on ``path``: its speed against the decode-only figure measured right before, per-stage CPU."""
-    from fkp_core.tables import open_output
+    from fkp_core.store import open_output
     from fkp_core.video import video_id
     from jobs import annotate
 

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from fkp_core.export import NotAnOutputError, export_part, list_parts
-    from fkp_core.tables import open_output
+    from fkp_core.store import open_output
 
     if args.batch_rows < 1:
         raise UsageError("--batch-rows must be >= 1")

@@ -76,7 +76,7 @@ def write_run_report(out, quiet: bool = False) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from fkp_core.report import ReportConfig, is_output, write_report
-    from fkp_core.tables import open_output
+    from fkp_core.store import open_output
 
     try:
         out = open_output(args.out)

@@ -487,7 +487,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def _prepare_output(args: argparse.Namespace) -> tuple[bool, Path | None, str]:
     """(whether --output is a URI, the local output folder (made here), the checkpoint storage)."""
     if "://" in args.output:  # e.g. s3://bucket/models: written locally, then uploaded
-        from fkp_core.tables import open_output
+        from fkp_core.store import open_output
 
         try:
             open_output(args.output)
@@ -563,7 +563,7 @@ def _release_extra(args: argparse.Namespace, train_sources, val_sources, num_wor
 
 def _upload(output: str, path: Path) -> Path:
     """Copy the release model's two files to a URI ``--output``; the name to show for it."""
-    from fkp_core.tables import open_output
+    from fkp_core.store import open_output
 
     dest = open_output(output)
     for local in (path, path.with_suffix(".json")):

@@ -124,7 +124,7 @@ def test_the_fast_bundled_models_by_name(tmp_path, sample_run, name):
 def test_local_paths_every_node_cannot_see_are_refused(tmp_path, monkeypatch, capsys):
     """The multi-node checks, with real Ray tasks on this (single) node; the node count is faked."""
     from jobs.common import UsageError
-    from fkp_core.tables import open_output
+    from fkp_core.store import open_output
 
     gone = str(tmp_path / "only-on-the-driver.mp4")  # as a path on the driver's own disk looks to other nodes
     assert annotate._unseen_on_nodes([str(SAMPLE), gone]) == ([gone], 1)

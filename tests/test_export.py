@@ -14,7 +14,8 @@ import pytest
 
 from fkp_core import export as ex
 from fkp_core.pose import rotation_matrix
-from fkp_core.tables import FaceColumns, faces_table, open_output, videos_table
+from fkp_core.store import open_output
+from fkp_core.tables import FaceColumns, faces_table, videos_table
 from jobs import export as export_job
 
 

@@ -19,7 +19,8 @@ import pytest
 import videogen
 from conftest import PROJECT_ROOT
 from fkp_core.report import REPORT_NAME, ReportConfig, build_report, pick_frames, render_html, write_report
-from fkp_core.tables import FaceColumns, faces_table, open_output, videos_table
+from fkp_core.store import open_output
+from fkp_core.tables import FaceColumns, faces_table, videos_table
 from fkp_core.video import video_id
 from jobs import report as report_job
 
