@@ -11,7 +11,7 @@ Two ways through the frames:
   was trained on) and predicted again. A face whose fit is lost (face confidence below
   ``min_confidence``) triggers a detection on that very frame; a tracked face the detector
   misses on a detection frame is kept while its fit holds (Haar drops faces for single frames).
-  After a face is lost, and on the first frame of a new shot, the detector runs on every frame
+  After a face is lost, and on the first frame of a new shot (or of the segment), the detector runs on every frame
   until it finds a face, for up to K frames, so a face Haar misses for a frame or two is not
   left out for a whole detection interval.
 * in chunks (``chunk_frames > 1`` with K = 1, used with model actors): Haar on every frame and
@@ -31,7 +31,7 @@ import numpy as np
 from fkp_core.confidence import face_confidence
 from fkp_core.constants import MIN_FACE_CONFIDENCE, NUM_KEYPOINTS, REDETECT_CONFIDENCE
 from fkp_core.detector import FaceDetector, iou
-from fkp_core.landmarks import keypoints_and_scores_for_boxes
+from fkp_core.landmarks import refined_keypoints
 from fkp_core.tables import FaceColumns
 from fkp_core.tracking import (
     REDETECT_BELOW,
@@ -107,14 +107,13 @@ class SegmentAnnotator:
 
     # ---- public ----
 
-    def run(self, frames: Iterable, previous_frame: np.ndarray | None = None) -> FaceColumns:
+    def run(self, frames: Iterable) -> FaceColumns:
         """Annotate every frame (objects with ``index``, ``timestamp_s``, ``image``); returns the rows.
 
-        ``previous_frame`` is the frame before the segment (None at the start of a video): a scene
-        cut between it and the first frame is recorded so that tracks are not stitched across it.
+        The segment's first frame starts a shot. A cut at a segment boundary is found when segments
+        are stitched, from the signatures of the frames on either side (``stats.head_signature``,
+        ``stats.tail_signature``), as is every other cut between segments.
         """
-        if previous_frame is not None:
-            self._prev_signature = frame_signature(to_gray(previous_frame))
         it = self._timed_frames(frames)
         if self.config.detect_every == 1 and self.config.chunk_frames > 1:
             self._run_detect_every_frame(it)
@@ -163,9 +162,10 @@ class SegmentAnnotator:
         scores = detections.scores if getattr(self.detector, "scored", True) else np.full(len(boxes), np.nan)
         return boxes, angles, np.asarray(scores, np.float64).reshape(len(boxes))
 
-    def _predict(self, grays: list[np.ndarray], boxes: list[np.ndarray],
-                 angles: list[np.ndarray] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Keypoints (Ni, 68, 2) in frame pixels for the boxes of each frame and their scores (Ni, 68), one network call."""
+    def _predict(self, grays: list[np.ndarray], boxes: list[np.ndarray], angles: list[np.ndarray] | None = None,
+                 refine: int = 0) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """Keypoints (Ni, 68, 2) in frame pixels for the boxes of each frame, their scores (Ni, 68) and the
+        crop boxes of the last of ``1 + refine`` passes (each pass one network call for all frames)."""
         cnn = 0.0
 
         def timed(crops: np.ndarray) -> np.ndarray:
@@ -176,7 +176,7 @@ class SegmentAnnotator:
             return out
 
         t0 = time.perf_counter()
-        result = keypoints_and_scores_for_boxes(timed, grays, boxes, self.size, self.margin, angles)
+        result = refined_keypoints(timed, grays, boxes, self.size, self.margin, angles, refine, self.config.upright)
         self.stats.seconds["cnn"] += cnn
         self.stats.seconds["other"] += time.perf_counter() - t0 - cnn
         return result
@@ -186,12 +186,7 @@ class SegmentAnnotator:
     ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
         """Keypoints after ``refine`` re-crops, the face confidence of each (detector score, point scores
         and consistency of the last pass with its crop), and the point scores."""
-        kps, scores = self._predict(grays, boxes, angles)
-        crop_boxes = boxes
-        for _ in range(self.config.refine):
-            frames = [self._frame(k) if len(k) else (b, a) for k, b, a in zip(kps, boxes, angles)]
-            crop_boxes = [f[0] for f in frames]
-            kps, scores = self._predict(grays, crop_boxes, [f[1] for f in frames])
+        kps, scores, crop_boxes = self._predict(grays, boxes, angles, self.config.refine)
         conf = [face_confidence(d, sc, self._consistency(b, k)) for b, k, sc, d in zip(crop_boxes, kps, scores, det_scores)]
         return kps, conf, scores
 
@@ -204,13 +199,14 @@ class SegmentAnnotator:
         return np.array([keypoint_consistency(b, k, upright=up) for b, k in zip(crop_boxes, kps)], np.float32).reshape(len(kps))
 
     def _emit(self, frame: _Frame, boxes: np.ndarray, kps: np.ndarray, detected: np.ndarray, confidence: np.ndarray,
-              continues: np.ndarray | None = None, scores: np.ndarray | None = None) -> np.ndarray:
-        """Record a frame's faces; returns their track ids (in the order given)."""
+              continues: np.ndarray | None = None, scores: np.ndarray | None = None,
+              detector_scores: np.ndarray | None = None, misses: np.ndarray | None = None) -> np.ndarray:
+        """Record a frame's faces and hand them to the tracker; returns their track ids (in the order given)."""
         n = len(kps)
         scores = np.full((n, NUM_KEYPOINTS), np.nan, np.float32) if scores is None else np.asarray(scores, np.float32)
         if frame.cut:
             self.tracker.reset()
-        ids = self.tracker.update(frame.index, boxes, kps, continues)
+        ids = self.tracker.update(frame.index, boxes, kps, continues, detector_scores, misses)
         if n == 0:
             return ids
         order = np.argsort(boxes[:, 0], kind="stable")  # face_index: left to right
@@ -255,19 +251,18 @@ class SegmentAnnotator:
         K = self.config.detect_every
         thr = self.config.min_confidence
         max_misses = max(2, -(-self.config.max_unconfirmed_frames // K))
-        prev = np.zeros((0, NUM_KEYPOINTS, 2), np.float32)
-        prev_ids = np.zeros(0, np.int64)  # their track ids: a face followed through its own crop keeps its id
-        prev_det = np.zeros(0)  # the detector score each tracked face carries: its last detection's
-        misses = np.zeros(0, int)  # detection frames in a row on which the detector did not see the tracked face
         since = K  # frames since the last detection; K forces one on the first frame
-        search = 0  # frames left in which to detect on every frame: a face was just lost, or a shot began
+        search = K  # frames left in which to detect on every frame: a shot (or the segment) began, or a face was just lost
         for frame in frames:
             if frame.cut:  # a new shot: nothing carries over, look again (and keep looking for K frames)
-                prev, prev_ids, prev_det, misses, since, search = prev[:0], prev_ids[:0], prev_det[:0], misses[:0], K, K
-            # every tracked face: crop around its previous keypoints, predict again
+                self.tracker.reset()
+                since, search = K, K
+            # every face of the last frame (the tracker's): crop around its keypoints, predict again
+            followed = self.tracker.followed()
+            prev, prev_ids, prev_det, misses = followed.keypoints, followed.ids, followed.detector_scores, followed.misses
             t_boxes, t_angles = self._frame(prev) if len(prev) else (np.zeros((0, 4)), np.zeros(0))
             if len(prev):
-                t_kps, t_scores = (x[0] for x in self._predict([frame.gray], [t_boxes], [t_angles]))
+                t_kps, t_scores = (x[0] for x in self._predict([frame.gray], [t_boxes], [t_angles])[:2])
             else:
                 t_kps, t_scores = prev, np.zeros((0, NUM_KEYPOINTS), np.float32)
             t_fit = self._consistency(t_boxes, t_kps)
@@ -300,7 +295,7 @@ class SegmentAnnotator:
                 out_conf = np.concatenate([t_conf[stay], d_conf[0]])
                 out_scores = np.concatenate([t_scores[stay], d_kscores[0]])
                 out_det = np.concatenate([t_det[stay], d_scores[new]])
-                misses = np.concatenate([t_misses[stay], np.zeros(int(new.sum()), int)])
+                out_misses = np.concatenate([t_misses[stay], np.zeros(int(new.sum()), int)])
                 continues = np.concatenate([t_ids[stay], np.full(int(new.sum()), -1, np.int64)])
                 # Haar often misses a face for a frame or two: after losing one, look on every frame
                 # for up to K frames rather than leaving the face out until the next scheduled look
@@ -312,12 +307,12 @@ class SegmentAnnotator:
                     search = max(0, search - 1)
             else:
                 since += 1
-                out_kps, out_boxes, detected, out_conf, misses = t_kps, t_boxes, np.zeros(len(t_kps), bool), t_conf, t_misses
+                out_kps, out_boxes, detected, out_conf, out_misses = t_kps, t_boxes, np.zeros(len(t_kps), bool), t_conf, t_misses
                 out_scores, out_det, continues = t_scores, t_det, t_ids
             # faces too unlikely to be faces are neither written nor followed
             sure = out_conf >= self.config.min_face_confidence
-            prev_ids = self._emit(frame, out_boxes[sure], out_kps[sure], detected[sure], out_conf[sure], continues[sure], out_scores[sure])
-            prev, prev_det, misses = out_kps[sure], out_det[sure], misses[sure]
+            self._emit(frame, out_boxes[sure], out_kps[sure], detected[sure], out_conf[sure], continues[sure], out_scores[sure],
+                       out_det[sure], out_misses[sure])
 
 
 def _dedupe(kps: np.ndarray, conf: np.ndarray, max_iou: float = 0.5) -> np.ndarray:

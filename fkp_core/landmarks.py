@@ -42,23 +42,16 @@ class Faces:
         return Faces(np.zeros((0, 4), np.int32), np.zeros((0, NUM_KEYPOINTS, 2), np.float32), np.zeros(0, np.float32))
 
 
-def keypoints_for_boxes(
-    predict_crops, grays: Sequence[np.ndarray], boxes: Sequence[np.ndarray], size: int, margin: float,
-    angles: Sequence[np.ndarray] | None = None,
-) -> list[np.ndarray]:
-    """Crop every box of every gray image (turned by its angle), run ``predict_crops`` once on all crops, map back.
-
-    Returns (Ni, 68, 2) float32 keypoints per image (shape (0, 68, 2) where it has no box).
-    """
-    return keypoints_and_scores_for_boxes(predict_crops, grays, boxes, size, margin, angles)[0]
-
-
 def keypoints_and_scores_for_boxes(
     predict_crops, grays: Sequence[np.ndarray], boxes: Sequence[np.ndarray], size: int, margin: float,
     angles: Sequence[np.ndarray] | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """:func:`keypoints_for_boxes` and each point's score: (Ni, 68) float32 per image, NaN where
-    ``predict_crops`` gives no scores (it returns (N, 68, 2) rather than (N, 68, 3))."""
+    """Crop every box of every gray image (turned by its angle), run ``predict_crops`` once on all crops, map back.
+
+    Returns (Ni, 68, 2) float32 keypoints per image (shape (0, 68, 2) where it has no box) and each
+    point's score, (Ni, 68) float32, NaN where ``predict_crops`` gives no scores (it returns (N, 68, 2)
+    rather than (N, 68, 3)).
+    """
     crops, matrices, owner = [], [], []
     for i, (gray, bxs) in enumerate(zip(grays, boxes)):
         angs = angles[i] if angles is not None else np.zeros(len(bxs))
@@ -83,6 +76,22 @@ def keypoints_and_scores_for_boxes(
             result[i] = np.stack(kps).astype(np.float32)
             scores[i] = np.stack(per_image_scores[i]).astype(np.float32)
     return result, scores
+
+
+def refined_keypoints(
+    predict_crops, grays: Sequence[np.ndarray], boxes: Sequence[np.ndarray], size: int, margin: float,
+    angles: Sequence[np.ndarray] | None, refine: int, upright: bool,
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """:func:`keypoints_and_scores_for_boxes`, then ``refine`` more passes, each cropped around the last
+    prediction (the framing the model was trained on, eyes level when ``upright``): a detector's loose
+    box costs accuracy that one re-crop wins back. Returns keypoints, scores and the crop boxes (Ni, 4)
+    of the last pass (what the fit's consistency is measured against)."""
+    kps, scores = keypoints_and_scores_for_boxes(predict_crops, grays, boxes, size, margin, angles)
+    for _ in range(refine):
+        frames = [face_frame(k, upright) if len(k) else (b, np.zeros(len(b))) for k, b in zip(kps, boxes)]
+        boxes = [f[0] for f in frames]
+        kps, scores = keypoints_and_scores_for_boxes(predict_crops, grays, boxes, size, margin, [f[1] for f in frames])
+    return kps, scores, list(boxes)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -140,16 +149,7 @@ class Landmarker:
         """Keypoints, their scores and the crop boxes (Ni, 4) of the last pass (what the fit's consistency is measured against)."""
         grays = [to_gray(np.asarray(im)) for im in images]
         boxes = [np.asarray(b, dtype=np.float64).reshape(-1, 4) for b in boxes]
-        result, scores = self._predict(grays, boxes, angles)
-        for _ in range(self.refine):
-            frames = [face_frame(k, self.upright) if len(k) else (b, np.zeros(len(b))) for k, b in zip(result, boxes)]
-            boxes = [f[0] for f in frames]
-            result, scores = self._predict(grays, boxes, [f[1] for f in frames])
-        return result, scores, boxes
-
-    def _predict(self, grays: list[np.ndarray], boxes: list[np.ndarray],
-                 angles: Sequence[np.ndarray] | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        return keypoints_and_scores_for_boxes(self.predict_crops, grays, boxes, self.size, self.margin, angles)
+        return refined_keypoints(self.predict_crops, grays, boxes, self.size, self.margin, angles, self.refine, self.upright)
 
     def keypoints_for_detections(self, images: Sequence[np.ndarray], detections: Sequence) -> list[np.ndarray]:
         """Keypoints for each image's :class:`~fkp_core.detector.Detections`, cropped through the detector's calibration."""

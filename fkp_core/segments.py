@@ -173,16 +173,17 @@ def remote_network(predict: PredictFn, model: str) -> Network:
 
 
 def _sampled_frames(path: str, segment: Segment, settings: AnnotateSettings, decode, sequential: bool,
-                    on_frame: Callable[[], None], previous: list):
-    """The segment's frames to annotate; the frame before the segment goes to ``previous`` (cuts at the boundary)."""
+                    on_frame: Callable[[], None]):
+    """The segment's frames to annotate. When sampling, the frame before the segment is decoded too: its
+    timestamp decides whether the segment's first frame is sampled, as in one pass over the video."""
     from fkp_core.sampling import is_sampled, skip_until
     from fkp_core.video import read_frames
 
+    first = segment.start - 1 if settings.sample_fps is not None and segment.start > 0 else segment.start
     previous_s = None  # timestamp of the frame decoded before this one (frame sampling)
-    for f in read_frames(path, max(0, segment.start - 1), segment.end, gray=True, upright=True, on_error="skip",
+    for f in read_frames(path, first, segment.end, gray=True, upright=True, on_error="skip",
                          stats=decode, threads=1, sequential=sequential, skip_until=skip_until(settings.sample_fps)):
         if f.index < segment.start:
-            previous[:] = [f.image]
             previous_s = f.timestamp_s
             continue
         on_frame()
@@ -211,7 +212,7 @@ def annotate_segment(network: Network, path: str, segment: Segment, frame_size: 
     cv2.setNumThreads(1)
     annotator = SegmentAnnotator(network.predict, network.size, network.margin, make_detector(settings.detector), settings.annotate)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    decode, previous, taken = DecodeStats(), [], [0]
+    decode, taken = DecodeStats(), [0]
 
     def took() -> None:
         taken[0] += 1
@@ -220,10 +221,10 @@ def annotate_segment(network: Network, path: str, segment: Segment, frame_size: 
 
     error = None
     try:
-        gen = _sampled_frames(path, segment, settings, decode, sequential, took, previous)
+        gen = _sampled_frames(path, segment, settings, decode, sequential, took)
         first = next(gen, None)
         frames = [] if first is None else itertools.chain([first], gen)
-        cols = annotator.run(frames, previous_frame=previous[0] if previous else None)
+        cols = annotator.run(frames)
     except VideoError as exc:
         error, cols = str(exc), annotator.result()
     except Exception as exc:  # noqa: BLE001 - decoder crashes on corrupt data: record, keep the frames we have

@@ -81,7 +81,8 @@ def test_fast_path_finds_a_face_entering_mid_segment_within_k_frames(landmarker,
     enter = 13
     cols, annot = annotate(landmarker, frames_of([blank] * enter + [face] * 30), k)
     assert cols.frame_index.min() <= enter + k - 1
-    assert annot.stats.detections < (enter + 30) / k + 3  # the detector did not run on every frame
+    # the detector did not run on every frame: K looks as the segment begins (a shot begins), then one every K frames
+    assert annot.stats.detections < k + (enter + 30) / k + 3
 
 
 @pytest.mark.parametrize("k", [10, 30])
@@ -103,6 +104,23 @@ def test_after_a_cut_the_fast_path_looks_on_every_frame_until_it_finds_the_face(
     assert cols.frame_index[cols.frame_index >= 20].min() == 22
     assert set(range(22, 62)) <= set(cols.frame_index)
     assert annot.stats.detections <= 2 + 3 + 40 // k + 2  # two looks in shot 1, three after the cut, then every K
+
+
+@pytest.mark.parametrize("k", [10, 30])
+def test_a_segment_starts_like_a_shot_the_fast_path_looks_on_every_frame_until_it_finds_the_face(landmarker, face_patches, k):
+    """A segment (or video) whose face Haar cannot see on its first two frames: found on the third
+    frame, not K frames later. A segment that begins at a scene cut thus behaves as the cut inside a
+    segment does, with no need to look at the frame before the segment."""
+    import cv2
+
+    a, _ = face_patches
+    shot = np.full((360, 480), 200, np.uint8)
+    shot[60:220, 40:200] = a[:, ::-1]
+    blurred = cv2.GaussianBlur(shot, (0, 0), 20)
+    cols, annot = annotate(landmarker, frames_of([blurred] * 2 + [shot] * 40), k)
+    assert cols.frame_index.min() == 2
+    assert set(range(2, 42)) <= set(cols.frame_index)
+    assert annot.stats.detections <= 3 + 40 // k + 2
 
 
 def test_fast_path_accuracy_matches_per_frame_detection(landmarker):

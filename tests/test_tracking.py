@@ -167,6 +167,29 @@ def test_faces_known_to_continue_a_track_keep_its_id_and_the_rest_are_matched():
         tracker.update(31, box_from_keypoints(lone), lone, continues=np.array([0, 1]))
 
 
+def test_the_tracker_hands_back_the_last_frames_faces_with_what_the_fast_path_carries():
+    """The fast path follows the faces of the last frame from the tracker's state, not a copy of its own."""
+    rng = np.random.default_rng(5)
+    tracker = Tracker()
+    assert len(tracker.followed().ids) == 0
+    kps = np.stack([face_at((150, 200), rng), face_at((450, 200), rng)]).astype(np.float32)
+    ids = tracker.update(0, box_from_keypoints(kps), kps, detector_scores=np.array([0.9, 0.6]), misses=np.array([0, 2]))
+    later = kps[::-1].copy()  # given in the other order: the ids and what they carry follow the order given
+    ids1 = tracker.update(1, box_from_keypoints(later), later, continues=ids[::-1].copy(), detector_scores=np.array([0.5, 0.8]))
+    f = tracker.followed()
+    assert f.ids.tolist() == ids1.tolist() == ids[::-1].tolist()
+    np.testing.assert_array_equal(f.keypoints, later)
+    assert f.keypoints.dtype == np.float32
+    assert f.detector_scores.tolist() == [0.5, 0.8] and f.misses.tolist() == [0, 0]
+    # only the last frame's faces: a track the frame did not continue is not followed (though still live for matching)
+    one = later[:1]
+    tracker.update(2, box_from_keypoints(one), one, continues=ids1[:1], misses=np.array([3]))
+    f = tracker.followed()
+    assert f.ids.tolist() == ids1[:1].tolist() and f.misses.tolist() == [3] and np.isnan(f.detector_scores[0])
+    tracker.reset()
+    assert len(tracker.followed().ids) == 0 and tracker.followed().keypoints.shape == (0, 68, 2)
+
+
 def test_frames_must_increase_and_shapes_must_agree():
     tracker = Tracker()
     kp = face_at((200, 200))[None]

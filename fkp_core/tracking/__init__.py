@@ -36,13 +36,13 @@ from fkp_core.tracking.matching import (
     linear_assignment,
     match_cost,
 )
-from fkp_core.tracking.online import Tracker
+from fkp_core.tracking.online import FollowedFaces, Tracker
 from fkp_core.tracking.stitching import SegmentTracks, global_track_ids, stitch_segments
 
 __all__ = [
     "CUT_LAYOUT_DISTANCE", "CUT_TONE_DISTANCE", "DEFAULT_GAP_WIDENING", "DEFAULT_IOU_WEIGHT", "DEFAULT_MAX_DISTANCE",
     "DEFAULT_MAX_GAP", "DEFAULT_MIN_IOU", "REDETECT_BELOW", "SCENE_CUT_THRESHOLD", "SIGNATURE_LENGTH", "VELOCITY_WINDOW",
-    "ConsistencyConfig", "SegmentTracks", "Tracker", "TrackerConfig", "align_similarity", "crop_box_from_keypoints",
+    "ConsistencyConfig", "FollowedFaces", "SegmentTracks", "Tracker", "TrackerConfig", "align_similarity", "crop_box_from_keypoints",
     "cut_score", "face_size", "frame_signature", "global_track_ids", "keypoint_consistency", "linear_assignment",
     "match_cost", "stitch_segments",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -17,6 +17,8 @@ class _Track:
     box: np.ndarray  # (4,) last matched box
     frames: deque  # last observation frames, oldest first
     keypoints: deque  # last observed (68, 2) keypoints, float64
+    detector_score: float = float("nan")  # the score of the face's last detection
+    misses: int = 0  # detection frames in a row on which the detector did not see the face
 
     @property
     def last_frame(self) -> int:
@@ -27,6 +29,17 @@ class _Track:
         last = self.keypoints[-1]
         kp = last + _velocity(self.frames, self.keypoints) * (frame_index - self.last_frame)
         return _shift_box(self.box, last, kp), kp
+
+
+@dataclass(frozen=True)
+class FollowedFaces:
+    """The faces of the last frame the tracker was given, in the order given: what the video fast
+    path crops around and predicts again on the next frame."""
+
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    keypoints: np.ndarray = field(default_factory=lambda: np.zeros((0, NUM_KEYPOINTS, 2), np.float32))
+    detector_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    misses: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
 
 
 class Tracker:
@@ -42,18 +55,22 @@ class Tracker:
         self._next_id = int(first_id)
         self._tracks: list[_Track] = []
         self._last_frame: int | None = None
+        self._followed: list[_Track] = []  # the tracks of the last frame's faces, in the order given
 
     def _live(self, frame_index: int) -> list[_Track]:
         return [t for t in self._tracks if frame_index - t.last_frame - 1 <= self.config.max_gap]
 
     def update(
-        self, frame_index: int, boxes: np.ndarray, keypoints: np.ndarray, continues: np.ndarray | None = None
+        self, frame_index: int, boxes: np.ndarray, keypoints: np.ndarray, continues: np.ndarray | None = None,
+        detector_scores: np.ndarray | None = None, misses: np.ndarray | None = None,
     ) -> np.ndarray:
         """Track ids (N,) int64 of the N faces (boxes (N, 4) xywh, keypoints (N, 68, 2)) of frame ``frame_index``.
 
         ``continues`` (N,) optionally names the track each face is known to continue (-1: unknown),
         as the video fast path knows for a face it followed from its own previous keypoints: such a
         face keeps that id while the track is live, and only the others are matched.
+        ``detector_scores`` and ``misses`` (N,), when given, are kept with each face's track for
+        :meth:`followed` (NaN and 0 otherwise).
         """
         frame_index = int(frame_index)
         boxes, kp = self._check(frame_index, boxes, keypoints)
@@ -65,7 +82,28 @@ class Tracker:
             self._match_free(frame_index, free, todo, boxes, kp, ids)
         for di in np.nonzero(ids < 0)[0]:
             ids[di] = self._start(frame_index, boxes[di], kp[di])
+        self._remember(ids, detector_scores, misses)
         return ids
+
+    def _remember(self, ids: np.ndarray, detector_scores: np.ndarray | None, misses: np.ndarray | None) -> None:
+        by_id = {t.track_id: t for t in self._tracks}
+        self._followed = [by_id[int(i)] for i in ids]
+        scores = np.full(len(ids), np.nan) if detector_scores is None else np.asarray(detector_scores, np.float64).reshape(len(ids))
+        missed = np.zeros(len(ids), int) if misses is None else np.asarray(misses, int).reshape(len(ids))
+        for track, score, miss in zip(self._followed, scores.tolist(), missed.tolist()):
+            track.detector_score, track.misses = score, miss
+
+    def followed(self) -> FollowedFaces:
+        """The faces of the last frame (none after :meth:`reset`), with their ids, keypoints, last detector scores and misses."""
+        if not self._followed:
+            return FollowedFaces()
+        tracks = self._followed
+        return FollowedFaces(
+            ids=np.array([t.track_id for t in tracks], np.int64),
+            keypoints=np.stack([t.keypoints[-1] for t in tracks]).astype(np.float32),
+            detector_scores=np.array([t.detector_score for t in tracks], np.float64),
+            misses=np.array([t.misses for t in tracks], int),
+        )
 
     def _check(self, frame_index: int, boxes: np.ndarray, keypoints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._last_frame is not None and frame_index <= self._last_frame:
@@ -121,6 +159,7 @@ class Tracker:
     def reset(self) -> None:
         """End every track (call on a scene cut); later faces get new ids."""
         self._tracks = []
+        self._followed = []
 
     @property
     def next_id(self) -> int:
