@@ -3,8 +3,9 @@
 One file per video (``part-<video_id>.parquet`` -> ``DEST/<video_id>.csv`` or ``.jsonl``). A part
 file is read record batch by record batch (``batch_rows`` rows, column chunks read through a
 buffered stream, so never a whole row group's pages at once), each batch is formatted and written,
-and the file is published whole at the end (temporary name + rename locally, one upload on
-object stores), so a reader never sees half an export and memory does not grow with the video.
+and the file is published whole at the end by the output folder's one all-or-nothing write
+(:meth:`fkp_core.store.Output.open_atomic`), so a reader never sees half an export and memory does
+not grow with the video.
 
 OpenFace layout (what ``FeatureExtraction`` / ``FaceLandmarkVidMulti`` write with ``-pose -2Dfp``,
 minus the columns fkp has no value for): ``frame, face_id, timestamp, confidence, success,
@@ -21,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import posixpath
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -265,34 +265,6 @@ def _has_nonfinite(values: list) -> bool:
 # ------------------------------------------------------------------------------------------
 
 
-class AtomicWriter:
-    """A file written in pieces and published whole: temp name + rename locally, one upload on object stores."""
-
-    def __init__(self, dest: Output, path: str):
-        self.dest, self.path = dest, path
-        parent = posixpath.dirname(path)
-        dest.makedirs(parent)
-        self.tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.tmp") if dest.is_local else path
-        self.stream = dest.fs.open_output_stream(self.tmp)
-
-    def write(self, data: bytes) -> None:
-        self.stream.write(data)
-
-    def close(self) -> None:
-        self.stream.close()
-        if self.tmp != self.path:
-            self.dest.fs.move(self.tmp, self.path)
-
-    def abort(self) -> None:
-        """Drop what was written: the temp file locally; on object stores (whose streams publish on close,
-        pyarrow offers no abort) the published remainder is deleted again."""
-        try:
-            self.stream.close()
-        finally:
-            if self.dest.exists(self.tmp):
-                self.dest.fs.delete_file(self.tmp)
-
-
 def export_part(out: Output, part: PartFile, fmt: str, dest: Output, batch_rows: int = DEFAULT_BATCH_ROWS,
                 raw: bool = False, on_batch: Callable[[pa.RecordBatch], None] | None = None) -> ExportResult:
     """Write one video's rows to ``dest/<video_id><suffix>`` in ``fmt``; ``on_batch`` sees every batch read."""
@@ -304,29 +276,24 @@ def export_part(out: Output, part: PartFile, fmt: str, dest: Output, batch_rows:
     rows = count = 0
     with out.fs.open_input_file(part.path) as f:
         pf = _parquet_file(f, part.path)  # checked before anything is written
-        writer = AtomicWriter(dest, target)
-        try:
+        with dest.open_atomic(target) as stream:  # the output folder's one all-or-nothing write
             csv_writer = None
             if fmt == "openface":
-                writer.write(openface_header().encode())
+                stream.write(openface_header().encode())
             elif fmt == "csv":
                 empty = wide_batch(pa.RecordBatch.from_pylist([], schema=pf.schema_arrow), raw)
-                csv_writer = pacsv.CSVWriter(writer.stream, empty.schema, write_options=pacsv.WriteOptions(quoting_style="needed"))
+                csv_writer = pacsv.CSVWriter(stream, empty.schema, write_options=pacsv.WriteOptions(quoting_style="needed"))
             for batch in pf.iter_batches(batch_size=batch_rows, use_threads=False):
                 if on_batch is not None:
                     on_batch(batch)
                 rows += len(batch)
                 count += 1
                 if fmt == "openface":
-                    writer.write(openface_text(batch).encode())
+                    stream.write(openface_text(batch).encode())
                 elif fmt == "jsonl":
-                    writer.write(jsonl_text(batch, raw).encode())
+                    stream.write(jsonl_text(batch, raw).encode())
                 else:
                     csv_writer.write_batch(wide_batch(batch, raw))
             if csv_writer is not None:
                 csv_writer.close()
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
     return ExportResult(part.video_id, target, rows, count)

@@ -4,7 +4,8 @@ PyTorch's eager CPU convolutions fall back to a slow im2col path for small batch
 network took 7.9 ms per face at batch 1 and 2.8 ms at batch 32 on one core of the development
 machine, while ONNX Runtime ran the same graph in 1.7 and 1.5 ms (outputs equal to 1e-6). Batch
 1 is what the video fast path runs (one face, one frame at a time), so the CPU path exports the
-network to ONNX in memory once per process (~0.4 s) and runs it there.
+network to ONNX in memory once per process (~0.4 s) and runs it there. The annotate job exports once
+on its driver and ships the bytes to its annotators instead (:mod:`fkp_core.onnx_network`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch
 
 from fkp_core.constants import NUM_KEYPOINTS
 from fkp_core.model import KeypointNet
+from fkp_core.onnx_network import OnnxSession
+from fkp_core.onnx_network import as_float as _as_float
 
 log = logging.getLogger(__name__)
 ONNX_OPSET = 17
@@ -31,13 +34,6 @@ class CropPredictor(Protocol):
     backend: str
 
     def __call__(self, crops: np.ndarray) -> np.ndarray: ...
-
-
-def _as_float(crops: np.ndarray) -> np.ndarray:
-    arr = np.asarray(crops)
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) * np.float32(1.0 / 255.0)
-    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 class TorchPredictor:
@@ -63,34 +59,25 @@ class TorchPredictor:
         return np.concatenate(out)
 
 
-class OnnxPredictor:
+def onnx_bytes(model: KeypointNet, scores: bool = False) -> bytes:
+    """The network exported to ONNX in memory (with each point's score as a third output value with ``scores``)."""
+    size = model.config.input_size
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        # the TorchScript-based exporter is the one that needs no extra packages; torch marks it legacy
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            (_WithScores(model) if scores else model).cpu().eval(), (torch.zeros(1, 1, size, size),), buf, input_names=["crops"], output_names=["keypoints"],
+            dynamic_axes={"crops": {0: "n"}, "keypoints": {0: "n"}}, opset_version=ONNX_OPSET, dynamo=False,
+        )
+    return buf.getvalue()
+
+
+class OnnxPredictor(OnnxSession):
     """The network exported to ONNX (in memory) and run by ONNX Runtime on the CPU."""
 
-    backend = "onnx"
-
     def __init__(self, model: KeypointNet, threads: int | None = None, scores: bool = False):
-        import onnxruntime as ort
-
-        size = model.config.input_size
-        self.scores = scores
-        buf = io.BytesIO()
-        with warnings.catch_warnings():
-            # the TorchScript-based exporter is the one that needs no extra packages; torch marks it legacy
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                (_WithScores(model) if scores else model).cpu().eval(), (torch.zeros(1, 1, size, size),), buf, input_names=["crops"], output_names=["keypoints"],
-                dynamic_axes={"crops": {0: "n"}, "keypoints": {0: "n"}}, opset_version=ONNX_OPSET, dynamo=False,
-            )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
-
-    def __call__(self, crops: np.ndarray) -> np.ndarray:
-        if len(crops) == 0:
-            return np.zeros((0, NUM_KEYPOINTS, 3 if self.scores else 2), np.float32)
-        return self.session.run(None, {"crops": _as_float(crops)[:, None]})[0]
+        super().__init__(onnx_bytes(model, scores), threads or torch.get_num_threads(), scores)
 
 
 class _WithScores(torch.nn.Module):

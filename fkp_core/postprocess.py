@@ -2,7 +2,8 @@
 
 Smoothing and pose are most of a video's post-processing (~0.25 ms per face), so each segment
 task does them for its own rows (:func:`postprocess_segment`), each of its tracks smoothed from
-its first row there. Joining a video's segments (:func:`postprocess_video`) stitches tracks
+its first row there. Joining a video's segments (:func:`stitch_stream`, one segment in memory at
+a time, whether they come from files or from a list: :func:`postprocess_video`) stitches tracks
 across segment boundaries and redoes only the rows a boundary touched: a track that continues
 from an earlier segment was smoothed from a cold start there, and the filter forgets its start
 geometrically, so its rows after :func:`~fkp_core.smoothing.OneEuroConfig.settle_seconds` are
@@ -25,7 +26,7 @@ from fkp_core.pose import head_pose
 from fkp_core.records import SegmentResult
 from fkp_core.smoothing import OneEuroConfig, smooth_track
 from fkp_core.tables import FaceColumns
-from fkp_core.tracking import SegmentTracks, TrackerConfig, global_track_ids, stitch_segments
+from fkp_core.tracking import SegmentTracks, TrackerConfig, stitch_segments
 
 
 def postprocess_segment(
@@ -54,65 +55,6 @@ def segment_tracks(cols: FaceColumns, result: SegmentResult, keep: np.ndarray | 
         head_signature=np.asarray(result.head_signature, np.float32),
         tail_signature=np.asarray(result.tail_signature, np.float32),
     )
-
-
-def postprocess_video(
-    segments: Sequence[FaceColumns],
-    results: Sequence[SegmentResult],
-    frame_size: tuple[int, int],
-    smooth: bool = True,
-    smoothing: OneEuroConfig | None = None,
-    tracker: TrackerConfig | None = None,
-) -> FaceColumns:
-    """Join a video's segments (each through :func:`postprocess_segment`, in any order, with their results).
-
-    Rows come out in frame order with global track ids; a track's keypoints are as if the whole
-    track had been smoothed in one pass (see the module docstring).
-    """
-    cfg = smoothing or OneEuroConfig()
-    tracks = [segment_tracks(cols, res) for cols, res in zip(segments, results)]
-    mappings = stitch_segments(tracks, tracker)
-    pieces = []  # per row: which (segment, local track) smoothed it, as one int
-    offset = 0
-    for cols, seg, mapping in zip(segments, tracks, mappings):
-        local = np.unique(cols.track_id, return_inverse=True)[1].reshape(-1) if len(cols) else np.zeros(0, np.int64)
-        pieces.append(offset + local)
-        offset += int(local.max()) + 1 if len(local) else 0
-        cols.track_id = global_track_ids(seg, mapping)
-    merged = FaceColumns.concat(list(segments))
-    piece = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
-    order = np.lexsort((merged.face_index, merged.frame_index))
-    merged = FaceColumns(*(getattr(merged, f)[order] for f in FaceColumns.__dataclass_fields__))
-    piece = piece[order]
-    if not smooth:
-        return merged
-    for tid in np.unique(merged.track_id):
-        rows = np.flatnonzero(merged.track_id == tid)  # in frame order
-        starts = np.flatnonzero(np.diff(piece[rows]) != 0) + 1  # where a later segment's piece of the track begins
-        if len(starts):
-            _resmooth_boundaries(merged, rows, starts, frame_size, cfg)
-    return merged
-
-
-def _resmooth_boundaries(merged: FaceColumns, rows: np.ndarray, starts: np.ndarray, frame_size: tuple[int, int],
-                         cfg: OneEuroConfig) -> None:
-    """Smooth and pose again the rows of one track that a later piece's cold start left unsettled."""
-    times = merged.timestamp_s[rows]
-    settle = cfg.settle_seconds(float(np.median(np.diff(times))) if len(times) > 1 else 1.0)
-    ends = np.append(starts[1:], len(rows))
-    for b, next_piece in zip(starts, ends):
-        end = min(int(next_piece), b + int(np.searchsorted(times[b:], times[b] + settle, side="left")))
-        begin = int(np.searchsorted(times, times[b] - settle, side="left"))  # a cold start this long before b settles by b
-        redo = rows[b:end]
-        out = smooth_track(times[begin:end], merged.keypoints_raw[rows[begin:end]], cfg)
-        merged.keypoints[redo] = out[b - begin:]
-        merged.pose[redo] = head_pose(merged.keypoints[redo], frame_size)
-
-
-
-# ------------------------------------------------------------------------------------------
-# the same, streamed: one segment in memory at a time
-# ------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -188,9 +130,11 @@ def _resmooth_piece(cols: FaceColumns, rows: np.ndarray, carry: _Carry, settle: 
 def stitch_stream(load: Callable[[int], FaceColumns], results: Sequence[SegmentResult], frame_size: tuple[int, int],
                   smooth: bool = True, smoothing: OneEuroConfig | None = None,
                   tracker: TrackerConfig | None = None) -> Iterator[FaceColumns]:
-    """:func:`postprocess_video`'s rows, equal to them, yielded segment by segment with one segment in memory.
+    """A video's segments joined (each through :func:`postprocess_segment`), yielded segment by segment in frame
+    order with global track ids, a track's keypoints as if the whole track had been smoothed in one pass.
 
-    ``load(k)`` gives segment k's rows (``results`` in frame order); it is called twice per segment.
+    ``load(k)`` gives segment k's rows (``results`` in frame order); it is called twice per segment and
+    may hand out the same object both times (its track ids are relabelled in place).
     The first pass keeps per-track summaries only (the rows stitching reads: each track's first and
     last few; its time steps as a histogram); the second relabels, smooths again next to boundaries
     from a carry of each continuing track's last ``settle`` seconds of raw rows, and yields.
@@ -223,3 +167,19 @@ def stitch_stream(load: Callable[[int], FaceColumns], results: Sequence[SegmentR
         for g in [g for g in carries if last_segment[g] <= k]:  # tracks that never come back
             del carries[g]
         yield cols
+
+
+def postprocess_video(
+    segments: Sequence[FaceColumns],
+    results: Sequence[SegmentResult],
+    frame_size: tuple[int, int],
+    smooth: bool = True,
+    smoothing: OneEuroConfig | None = None,
+    tracker: TrackerConfig | None = None,
+) -> FaceColumns:
+    """Join a video's segments held in memory (in any order, with their results): :func:`stitch_stream` fed from
+    the list, so a video finished here and one the job finishes from its segment files get the same rows."""
+    order = sorted(range(len(results)), key=lambda k: results[k].start)
+    pieces = stitch_stream(lambda k: segments[order[k]], [results[k] for k in order], frame_size, smooth=smooth,
+                           smoothing=smoothing, tracker=tracker)
+    return FaceColumns.concat(list(pieces))

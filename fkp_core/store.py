@@ -122,11 +122,19 @@ class Output:
     @contextlib.contextmanager
     def open_atomic(self, path: str) -> Iterator[pa.NativeFile]:
         """THE all-or-nothing write: a stream under a temporary name, renamed on success (locally); on object
-        stores one upload, published when the stream closes. Every file of the folder is written through it."""
+        stores one upload, published when the stream closes. Every file of the folder is written through it.
+
+        A writer that fails leaves nothing: locally its temporary file is removed; an object store's stream
+        publishes whatever it holds when it closes (pyarrow offers no abort), so that object is deleted again."""
         self.makedirs(posixpath.dirname(path))
         if not self.is_local:
             with self.fs.open_output_stream(path) as f:  # object stores publish on completion
-                yield f
+                try:
+                    yield f
+                except BaseException:
+                    f.close()
+                    self.remove_file(path)
+                    raise
             return
         tmp = _temp_name(path)
         try:

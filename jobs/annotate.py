@@ -21,6 +21,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -123,9 +124,35 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------
 
 
-def _start_pool(args: argparse.Namespace, settings: Settings, resources: dict, use_gpu: bool, n_model: int, work: int):
+class _Export:
+    """The CNN exported to ONNX on a thread of the driver, started before Ray so that it costs no wall time (Ray's
+    start-up is longer); only where annotators will run the CNN themselves, as far as the flags tell before Ray."""
+
+    def __init__(self, args: argparse.Namespace, settings: Settings):
+        from fkp_core.onnx_network import export_network
+
+        self.exported = None
+        self.thread = None
+        if args.device != "cuda" and not args.model_actors:
+            self.thread = threading.Thread(target=lambda: setattr(self, "exported", export_network(settings.model)),
+                                           name="fkp-export", daemon=True)
+            self.thread.start()
+
+    def ref(self, n_model: int):
+        """-> an object ref of the ExportedNetwork for CPU annotators (one copy per node, not one per actor), or None:
+        model actors run the CNN, or the export is unavailable (each annotator then loads the model itself)."""
+        import ray
+
+        if self.thread is None or n_model:
+            return None
+        self.thread.join()
+        return ray.put(self.exported) if self.exported is not None else None
+
+
+def _start_pool(args: argparse.Namespace, settings: Settings, resources: dict, use_gpu: bool, n_model: int, work: int,
+                exported=None):
     """-> (ActorPool of annotators, every actor started). Annotators fill the CPUs the model actors leave (none waits for
-    a CPU that never frees), at most one per piece of work."""
+    a CPU that never frees), at most one per piece of work; ``exported``: the ONNX network they run (an object ref)."""
     import ray
     from ray.util import ActorPool
 
@@ -141,7 +168,7 @@ def _start_pool(args: argparse.Namespace, settings: Settings, resources: dict, u
     n = max(1, min(work, int(free / args.cpus_per_segment)))
     annotator = ray.remote(Annotator).options(num_cpus=args.cpus_per_segment, max_restarts=-1,
                                               max_task_retries=args.max_retries)
-    annotators = [annotator.remote(settings, models[i % n_model] if models else None) for i in range(n)]
+    annotators = [annotator.remote(settings, models[i % n_model] if models else None, exported) for i in range(n)]
     return ActorPool(annotators), models + annotators
 
 
@@ -224,6 +251,7 @@ def _run_on_ray(args: argparse.Namespace, paths: list, out, settings: Settings, 
     import ray
     from tqdm import tqdm
 
+    export = _Export(args, settings)
     resources, use_gpu, n_model, settings = _join_cluster(args, paths, out, settings)
     started = time.perf_counter()
     slots = max(1, int(resources.get("CPU", 1) / args.cpus_per_segment))
@@ -232,7 +260,8 @@ def _run_on_ray(args: argparse.Namespace, paths: list, out, settings: Settings, 
                dynamic_ncols=True, desc="annotate")
     # segments report frames as they go, so the bar moves within a segment, not a whole segment at a time
     progress = ray.remote(Progress).options(num_cpus=0).remote() if not bar.disable else None
-    pool, actors = _start_pool(args, settings, resources, use_gpu, n_model, len(first)) if first else (None, [])
+    exported = export.ref(n_model) if first else None  # held here while annotators may be restarted
+    pool, actors = _start_pool(args, settings, resources, use_gpu, n_model, len(first), exported) if first else (None, [])
     try:
         if pool is not None:
             _drive(pool, state, first, progress, bar)

@@ -186,7 +186,9 @@ class Annotator:
     and the output folder, and does any Work it is handed. Errors come back as data, so the driver always
     knows whose they are; a killed annotator is restarted and its call retried by Ray."""
 
-    def __init__(self, settings: Settings, model_actor=None):
+    def __init__(self, settings: Settings, model_actor=None, exported=None):
+        """``exported``: the CNN the driver exported once (fkp_core.onnx_network.ExportedNetwork), so this actor only
+        builds an ONNX Runtime session; without it (and without a model actor) it loads the model itself."""
         import ray
 
         from fkp_core.segments import load_network, remote_network
@@ -194,10 +196,14 @@ class Annotator:
 
         self.settings = settings
         self.out = open_output(settings.out)
-        if model_actor is None:
-            self.network = load_network(settings.model, "cpu")
-        else:
+        if model_actor is not None:
             self.network = remote_network(lambda crops: ray.get(model_actor.predict.remote(crops)), settings.model)
+        elif exported is not None:
+            from fkp_core.onnx_network import onnx_network
+
+            self.network = onnx_network(exported)
+        else:
+            self.network = load_network(settings.model, "cpu")
 
     def call(self, work: Work, progress=None) -> Done:
         try:

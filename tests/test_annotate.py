@@ -290,6 +290,23 @@ def _same_rows(out: Path, expected: list[tuple[int, int]], min_rows: int = MIN_F
     assert len(expected) >= min_rows
 
 
+def test_cpu_annotators_get_the_cnn_exported_once_by_the_driver(tmp_path):
+    """The driver exports the CNN to ONNX once and hands annotators the bytes; with model actors it exports nothing."""
+    import ray
+
+    from fkp_core.onnx_network import ExportedNetwork, OnnxSession
+    from jobs.annotate_support import Annotator, settings_from_args
+
+    args = annotate.build_parser().parse_args([str(SAMPLE), "--out", str(tmp_path / "out")])
+    settings = settings_from_args(args)
+    ref = annotate._Export(args, settings).ref(n_model=0)
+    assert isinstance(ray.get(ref), ExportedNetwork)
+    assert isinstance(Annotator(settings, None, ray.get(ref)).network.predict, OnnxSession)
+    assert annotate._Export(args, settings).ref(n_model=1) is None  # model actors run the CNN
+    with_actors = annotate.build_parser().parse_args([str(SAMPLE), "--out", str(tmp_path / "out"), "--model-actors", "1"])
+    assert annotate._Export(with_actors, settings).thread is None
+
+
 @pytest.mark.slow
 def test_killed_model_actor_loses_and_duplicates_nothing(tmp_path, reference_rows):
     import ray

@@ -26,3 +26,32 @@ def test_auto_backend_and_bad_backend():
     assert make_predictor(model, "cpu", "torch").backend == "torch"
     with pytest.raises(ValueError):
         make_predictor(model, "cpu", "tpu")
+
+
+def test_a_network_shipped_as_onnx_bytes_runs_as_the_one_loaded_in_place(tmp_path):
+    """The annotate job exports the CNN once on its driver and its annotators run the bytes: the same outputs,
+    bit for bit, as loading the model in the annotator; and building the session from bytes needs no torch."""
+    import pickle
+    import subprocess
+    import sys
+
+    from fkp_core.onnx_network import export_network, onnx_network
+    from fkp_core.segments import load_network
+    from fkp_core.weights import resolve_model_path
+
+    model = str(resolve_model_path(None))
+    exported = export_network(model)
+    here, shipped = load_network(model), onnx_network(pickle.loads(pickle.dumps(exported)))
+    assert (shipped.size, shipped.margin) == (here.size, here.margin)
+    crops = np.random.default_rng(1).integers(0, 256, (6, here.size, here.size), dtype=np.uint8)
+    expected = here.predict(crops)
+    assert expected.shape == (6, 68, 3) and np.array_equal(shipped.predict(crops), expected)
+    (tmp_path / "net.pkl").write_bytes(pickle.dumps(exported))
+    np.save(tmp_path / "crops.npy", crops)
+    code = ("import pickle, sys, numpy as np\nfrom fkp_core.onnx_network import onnx_network\n"
+            f"net = onnx_network(pickle.loads(open({str(tmp_path / 'net.pkl')!r}, 'rb').read()))\n"
+            f"np.save({str(tmp_path / 'out.npy')!r}, net.predict(np.load({str(tmp_path / 'crops.npy')!r})))\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(np.load(tmp_path / "out.npy"), expected)

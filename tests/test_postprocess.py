@@ -87,7 +87,7 @@ def test_without_smoothing_rows_are_raw_and_posed():
     np.testing.assert_allclose(merged.pose, head_pose(faces[0][1], SIZE), atol=1e-4)
 
 
-# ---- the finish streamed segment by segment (bounded memory) ----------------------------------------------------
+# ---- joining: what it must do, segment by segment with bounded memory ------------------------------------------
 
 
 def _video(bounds: list[int], cut: int | None = None):
@@ -103,24 +103,51 @@ def _video(bounds: list[int], cut: int | None = None):
         cols, res = _segment(faces, s, e, {0: 3 * k, 1: 3 * k + 1, 2: 3 * k + 2})
         if cut is not None and s <= cut < e:
             res.cuts = [cut]
-            cols.track_id[(cols.track_id == 3 * k) & (cols.frame_index >= cut)] = 99  # the tracker was reset there
+            cols.track_id[(cols.track_id == 3 * k) & (cols.frame_index >= cut)] = 99  # the tracker was reset there ...
+            cols = postprocess_segment(cols, SIZE)  # ... before the segment smoothed its tracks
         parts.append((cols, res))
     return parts
 
 
+def _faces_of(parts, cut: int | None) -> dict[tuple[int, float], tuple[int, bool]]:
+    """Each input row's face in :func:`_video` (0, 1, 2) and whether it is face 0 after the cut, by (frame, first raw x)."""
+    faces = {}
+    for cols, _ in parts:
+        for f, t, x in zip(cols.frame_index.tolist(), cols.track_id.tolist(), cols.keypoints_raw[:, 0, 0].tolist()):
+            face = 0 if t == 99 else t % 3
+            faces[(f, x)] = (face, face == 0 and cut is not None and f >= cut)
+    return faces
+
+
 @pytest.mark.parametrize("bounds,cut", [([0, 20, 40, 60, 150, 200], 100), ([0, 70, 100, 300], None), ([0, 300], 150)])
 @pytest.mark.parametrize("smooth", [True, False])
-def test_streamed_finish_equals_the_one_in_memory(bounds, cut, smooth):
-    from fkp_core.postprocess import stitch_stream
-
+def test_stitching_keeps_every_row_once_one_id_per_face_and_smooths_across_boundaries(bounds, cut, smooth):
+    """What joining must do, whatever the segments: every row once, in frame order; one global id per face across
+    boundaries, gaps and short segments (0.. by first appearance), a new one after a scene cut; each track's
+    keypoints and pose as one pass over the track gives (a cut starts the smoothing afresh); without smoothing,
+    the segments' own rows untouched."""
     parts = _video(bounds, cut)
-    results = [r for _, r in parts]
-    whole = postprocess_video([c for c, _ in _video(bounds, cut)], results, SIZE, smooth=smooth)
-    fresh = _video(bounds, cut)  # the stream changes what it loads in place, as the in-memory join does
-    streamed = FaceColumns.concat(list(stitch_stream(lambda k: fresh[k][0], results, SIZE, smooth=smooth)))
-    assert len(np.unique(whole.track_id)) >= 3
-    for name in FaceColumns.__dataclass_fields__:
-        assert np.array_equal(getattr(streamed, name), getattr(whole, name), equal_nan=getattr(whole, name).dtype.kind == "f"), name
+    faces = _faces_of(parts, cut)
+    own = {k: (c.keypoints[i].copy(), c.pose[i].copy()) for c, _ in parts for i, k in
+           enumerate(zip(c.frame_index.tolist(), c.keypoints_raw[:, 0, 0].tolist()))}
+    merged = postprocess_video([c for c, _ in parts][::-1], [r for _, r in parts][::-1], SIZE, smooth=smooth)
+    keys = list(zip(merged.frame_index.tolist(), merged.keypoints_raw[:, 0, 0].tolist()))
+    assert sorted(keys) == sorted(faces) and len(set(keys)) == len(keys)  # every row, once
+    assert np.all(np.diff(merged.frame_index) >= 0)
+    label = np.array([faces[k][0] + 3 * faces[k][1] for k in keys])  # face 0 after the cut: 3
+    ids = {int(lab): np.unique(merged.track_id[label == lab]) for lab in np.unique(label)}
+    assert all(len(v) == 1 for v in ids.values()) and len({int(v[0]) for v in ids.values()}) == len(ids), ids
+    first_seen = list(dict.fromkeys(merged.track_id.tolist()))
+    assert first_seen == list(range(len(ids)))
+    for lab in ids:
+        rows = np.flatnonzero(label == lab)
+        if smooth:
+            whole = smooth_track(merged.timestamp_s[rows], merged.keypoints_raw[rows])
+            np.testing.assert_allclose(merged.keypoints[rows], whole, atol=2e-3)
+            np.testing.assert_allclose(merged.pose[rows], head_pose(whole, SIZE), atol=1e-2)
+        else:
+            assert all(np.array_equal(merged.keypoints[i], own[keys[i]][0]) for i in rows)
+            assert all(np.array_equal(merged.pose[i], own[keys[i]][1], equal_nan=True) for i in rows)
 
 
 def test_the_streamed_finish_holds_one_segment_at_a_time():
