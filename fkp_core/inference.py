@@ -1,10 +1,9 @@
 """The CNN at inference time: ONNX Runtime on CPU, torch on GPU (or where ONNX is unavailable).
 
-PyTorch's eager CPU convolutions fall back to a slow im2col path for small batches: the shipped
-network took 7.9 ms per face at batch 1 and 2.8 ms at batch 32 on one core of the development
-machine, while ONNX Runtime ran the same graph in 1.7 and 1.5 ms (outputs equal to 1e-6). Batch
-1 is what the video fast path runs (one face, one frame at a time), so the CPU path exports the
-network to ONNX in memory once per process (~0.4 s) and runs it there. The annotate job exports once
+PyTorch's eager CPU convolutions fall back to a slow im2col path for small batches, where ONNX
+Runtime runs the same graph several times faster with equal outputs (README, Speed). Batch 1 is
+what the video fast path runs (one face, one frame at a time), so the CPU path exports the
+network to ONNX in memory once per process and runs it there. The annotate job exports once
 on its driver and ships the bytes to its annotators instead (:mod:`fkp_core.onnx_network`).
 """
 

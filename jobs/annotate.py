@@ -21,7 +21,6 @@ import argparse
 import logging
 import os
 import sys
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from fkp_core.segments import MAX_SEGMENT_FRAMES, MIN_SEGMENT_FRAMES
 from jobs.annotate_support import (
     Annotator,
     ModelActor,
+    NetworkExport,
     Progress,
     RunState,
     Settings,
@@ -122,31 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------
 # the Ray layer: annotator actors (jobs.annotate_support.Annotator: the CNN loaded once, in __init__), fed from a pool
 # ------------------------------------------------------------------------------------------
-
-
-class _Export:
-    """The CNN exported to ONNX on a thread of the driver, started before Ray so that it costs no wall time (Ray's
-    start-up is longer); only where annotators will run the CNN themselves, as far as the flags tell before Ray."""
-
-    def __init__(self, args: argparse.Namespace, settings: Settings):
-        from fkp_core.onnx_network import export_network
-
-        self.exported = None
-        self.thread = None
-        if args.device != "cuda" and not args.model_actors:
-            self.thread = threading.Thread(target=lambda: setattr(self, "exported", export_network(settings.model)),
-                                           name="fkp-export", daemon=True)
-            self.thread.start()
-
-    def ref(self, n_model: int):
-        """-> an object ref of the ExportedNetwork for CPU annotators (one copy per node, not one per actor), or None:
-        model actors run the CNN, or the export is unavailable (each annotator then loads the model itself)."""
-        import ray
-
-        if self.thread is None or n_model:
-            return None
-        self.thread.join()
-        return ray.put(self.exported) if self.exported is not None else None
 
 
 def _start_pool(args: argparse.Namespace, settings: Settings, resources: dict, use_gpu: bool, n_model: int, work: int,
@@ -251,7 +226,7 @@ def _run_on_ray(args: argparse.Namespace, paths: list, out, settings: Settings, 
     import ray
     from tqdm import tqdm
 
-    export = _Export(args, settings)
+    export = NetworkExport(args, settings)
     resources, use_gpu, n_model, settings = _join_cluster(args, paths, out, settings)
     started = time.perf_counter()
     slots = max(1, int(resources.get("CPU", 1) / args.cpus_per_segment))

@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import logging
 import os
+import threading
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -450,3 +451,28 @@ def summary(args, out, mine: list, plans: list[VideoPlan], frames_done: int, ela
     )
     ok = counts["partial"] == 0 and counts["failed"] == 0 and not any(r.error for r in mine)
     return EXIT_OK if ok else EXIT_FAILED
+
+
+class NetworkExport:
+    """The CNN exported to ONNX on a thread of the driver, started before Ray so that it costs no wall time (Ray's
+    start-up is longer); only where annotators will run the CNN themselves, as far as the flags tell before Ray."""
+
+    def __init__(self, args: argparse.Namespace, settings: Settings):
+        from fkp_core.onnx_network import export_network
+
+        self.exported = None
+        self.thread = None
+        if args.device != "cuda" and not args.model_actors:
+            self.thread = threading.Thread(target=lambda: setattr(self, "exported", export_network(settings.model)),
+                                           name="fkp-export", daemon=True)
+            self.thread.start()
+
+    def ref(self, n_model: int):
+        """-> an object ref of the ExportedNetwork for CPU annotators (one copy per node, not one per actor), or None:
+        model actors run the CNN, or the export is unavailable (each annotator then loads the model itself)."""
+        import ray
+
+        if self.thread is None or n_model:
+            return None
+        self.thread.join()
+        return ray.put(self.exported) if self.exported is not None else None

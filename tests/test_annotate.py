@@ -295,16 +295,16 @@ def test_cpu_annotators_get_the_cnn_exported_once_by_the_driver(tmp_path):
     import ray
 
     from fkp_core.onnx_network import ExportedNetwork, OnnxSession
-    from jobs.annotate_support import Annotator, settings_from_args
+    from jobs.annotate_support import Annotator, NetworkExport, settings_from_args
 
     args = annotate.build_parser().parse_args([str(SAMPLE), "--out", str(tmp_path / "out")])
     settings = settings_from_args(args)
-    ref = annotate._Export(args, settings).ref(n_model=0)
+    ref = NetworkExport(args, settings).ref(n_model=0)
     assert isinstance(ray.get(ref), ExportedNetwork)
     assert isinstance(Annotator(settings, None, ray.get(ref)).network.predict, OnnxSession)
-    assert annotate._Export(args, settings).ref(n_model=1) is None  # model actors run the CNN
+    assert NetworkExport(args, settings).ref(n_model=1) is None  # model actors run the CNN
     with_actors = annotate.build_parser().parse_args([str(SAMPLE), "--out", str(tmp_path / "out"), "--model-actors", "1"])
-    assert annotate._Export(with_actors, settings).thread is None
+    assert NetworkExport(with_actors, settings).thread is None
 
 
 @pytest.mark.slow
