@@ -1,7 +1,8 @@
 """The CNN at inference time: ONNX Runtime on CPU, torch on GPU (or where ONNX is unavailable).
 
 PyTorch's eager CPU convolutions fall back to a slow im2col path for small batches, where ONNX
-Runtime runs the same graph several times faster with equal outputs (README, Speed). Batch 1 is
+Runtime runs the same graph several times faster with equal outputs (``python -m jobs.bench model
+--backend torch`` against ``--backend onnx``). Batch 1 is
 what the video fast path runs (one face, one frame at a time), so the CPU path exports the
 network to ONNX in memory once per process and runs it there. The annotate job exports once
 on its driver and ships the bytes to its annotators instead (:mod:`fkp_core.onnx_network`).
