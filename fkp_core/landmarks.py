@@ -14,16 +14,19 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from fkp_core.constants import NUM_KEYPOINTS
 from fkp_core.detector import DetectorSpec, FaceDetector, make_detector
-from fkp_core.inference import make_predictor
-from fkp_core.model import KeypointNet
 from fkp_core.transforms import crop_face, face_frame, to_gray, uncrop_keypoints
-from fkp_core.weights import LoadedModel, load_model
+
+if TYPE_CHECKING:  # torch only where a model is loaded: the crop-and-map functions serve annotators that run ONNX bytes
+    import torch
+
+    from fkp_core.model import KeypointNet
+    from fkp_core.weights import LoadedModel
 
 
 @dataclass
@@ -96,6 +99,8 @@ def refined_keypoints(
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` picks CUDA when present."""
+    import torch
+
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -113,6 +118,9 @@ class Landmarker:
         backend: str = "auto",
         upright: bool = True,
     ):
+        from fkp_core.inference import make_predictor
+        from fkp_core.weights import LoadedModel, load_model
+
         self.device = resolve_device(device)
         if isinstance(model, LoadedModel):
             model = model.model

@@ -15,12 +15,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
 
 from fkp_core.constants import FLIP_PERMUTATION, LEFT_EYE, RIGHT_EYE
+
+if TYPE_CHECKING:  # torch only where tensors are made: the annotate job's CPU annotators run without it
+    import torch
 
 # A face box's square crop side is (1 + 2 * CROP_MARGIN) times the box side.
 CROP_MARGIN = 0.2
@@ -459,6 +462,8 @@ class RandomOcclusion:
 
 def to_tensors(sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
     """(1, S, S) float image in [0, 1] and (68, 2) keypoints in [-1, 1] of a warped square sample."""
+    import torch
+
     sample = materialize(sample)
     image = sample.image
     if image.ndim == 3:

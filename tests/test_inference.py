@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import PROJECT_ROOT
 from fkp_core.inference import OnnxPredictor, TorchPredictor, make_predictor
 from fkp_core.model import build_model
 
@@ -48,9 +49,19 @@ def test_a_network_shipped_as_onnx_bytes_runs_as_the_one_loaded_in_place(tmp_pat
     assert expected.shape == (6, 68, 3) and np.array_equal(shipped.predict(crops), expected)
     (tmp_path / "net.pkl").write_bytes(pickle.dumps(exported))
     np.save(tmp_path / "crops.npy", crops)
+    # ... nor does annotating a segment with it, as a CPU annotator actor does (settings unpickled, YuNet, tracking, pose)
+    from fkp_core.segments import AnnotateSettings
+
+    (tmp_path / "settings.pkl").write_bytes(pickle.dumps(AnnotateSettings(model=model)))
+    sample = str(PROJECT_ROOT / "examples" / "sample.mp4")
     code = ("import pickle, sys, numpy as np\nfrom fkp_core.onnx_network import onnx_network\n"
             f"net = onnx_network(pickle.loads(open({str(tmp_path / 'net.pkl')!r}, 'rb').read()))\n"
             f"np.save({str(tmp_path / 'out.npy')!r}, net.predict(np.load({str(tmp_path / 'crops.npy')!r})))\n"
+            "from fkp_core.records import Segment\nfrom fkp_core.segments import annotate_segment, probe_video\n"
+            f"settings = pickle.loads(open({str(tmp_path / 'settings.pkl')!r}, 'rb').read())\n"
+            f"info = probe_video({sample!r})\n"
+            f"result, rows = annotate_segment(net, {sample!r}, Segment(0, 10), (info.width, info.height), settings)\n"
+            "assert result.error is None and len(rows) == 10, (result.error, len(rows))\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
