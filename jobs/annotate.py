@@ -124,10 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------
 
 
-def _start_pool(args: argparse.Namespace, settings: Settings, resources: dict, use_gpu: bool, n_model: int, work: int,
-                exported=None):
+def _start_pool(args: argparse.Namespace, settings: Settings, resources: dict, use_gpu: bool, n_model: int, work: int):
     """-> (ActorPool of annotators, every actor started). Annotators fill the CPUs the model actors leave (none waits for
-    a CPU that never frees), at most one per piece of work; ``exported``: the ONNX network they run (an object ref)."""
+    a CPU that never frees), at most one per piece of work."""
     import ray
     from ray.util import ActorPool
 
@@ -143,20 +142,20 @@ def _start_pool(args: argparse.Namespace, settings: Settings, resources: dict, u
     n = max(1, min(work, int(free / args.cpus_per_segment)))
     annotator = ray.remote(Annotator).options(num_cpus=args.cpus_per_segment, max_restarts=-1,
                                               max_task_retries=args.max_retries)
-    annotators = [annotator.remote(settings, models[i % n_model] if models else None, exported) for i in range(n)]
+    annotators = [annotator.remote(settings, models[i % n_model] if models else None) for i in range(n)]
     return ActorPool(annotators), models + annotators
 
 
-def _submit(pool, work: Work, progress) -> None:
-    pool.submit(lambda a, w: a.call.options(name=w.kind).remote(w, progress), work)
+def _submit(pool, work: Work, progress, exported) -> None:
+    pool.submit(lambda a, w: a.call.options(name=w.kind).remote(w, progress, exported), work)
 
 
-def _drive(pool, state: RunState, first: list[Work], progress, bar) -> None:
+def _drive(pool, state: RunState, first: list[Work], progress, bar, exported) -> None:
     """Hand out work until none is left: what comes back may make more (a video's last segment -> its finish)."""
     import ray
 
     for work in first:
-        _submit(pool, work, progress)
+        _submit(pool, work, progress, exported)
     while pool.has_next():
         try:
             done = pool.get_next_unordered(timeout=None if progress is None else 0.5)
@@ -167,7 +166,7 @@ def _drive(pool, state: RunState, first: list[Work], progress, bar) -> None:
             log.warning("an annotator call failed: %s", str(exc).strip().splitlines()[-1])
             continue
         for work in state.on_done(done):
-            _submit(pool, work, progress)
+            _submit(pool, work, progress, exported)
         _show(bar, state, progress)
 
 
@@ -235,11 +234,11 @@ def _run_on_ray(args: argparse.Namespace, paths: list, out, settings: Settings, 
                dynamic_ncols=True, desc="annotate")
     # segments report frames as they go, so the bar moves within a segment, not a whole segment at a time
     progress = ray.remote(Progress).options(num_cpus=0).remote() if not bar.disable else None
-    exported = export.ref(n_model) if first else None  # held here while annotators may be restarted
-    pool, actors = _start_pool(args, settings, resources, use_gpu, n_model, len(first), exported) if first else (None, [])
+    exported = export.ref(n_model) if first else None  # the CNN for CPU annotators, sent with each call
+    pool, actors = _start_pool(args, settings, resources, use_gpu, n_model, len(first)) if first else (None, [])
     try:
         if pool is not None:
-            _drive(pool, state, first, progress, bar)
+            _drive(pool, state, first, progress, bar, exported)
     finally:
         bar.close()
         for actor in ([progress] if progress is not None else []) + actors:  # their CPUs free for the next run

@@ -187,30 +187,38 @@ class Annotator:
     and the output folder, and does any Work it is handed. Errors come back as data, so the driver always
     knows whose they are; a killed annotator is restarted and its call retried by Ray."""
 
-    def __init__(self, settings: Settings, model_actor=None, exported=None):
-        """``exported``: the CNN the driver exported once (fkp_core.onnx_network.ExportedNetwork), so this actor only
-        builds an ONNX Runtime session; without it (and without a model actor) it loads the model itself."""
+    def __init__(self, settings: Settings, model_actor=None):
         import ray
 
-        from fkp_core.segments import load_network, remote_network
+        from fkp_core.segments import remote_network
         from fkp_core.store import open_output
 
         self.settings = settings
         self.out = open_output(settings.out)
+        self.network = None  # a local network is built on the first segment (see call)
         if model_actor is not None:
             self.network = remote_network(lambda crops: ray.get(model_actor.predict.remote(crops)), settings.model)
-        elif exported is not None:
-            from fkp_core.onnx_network import onnx_network
 
-            self.network = onnx_network(exported)
-        else:
-            self.network = load_network(settings.model, "cpu")
-
-    def call(self, work: Work, progress=None) -> Done:
+    def call(self, work: Work, progress=None, exported=None) -> Done:
+        """Do one piece of work. ``exported``: the CNN the driver exported once (an ExportedNetwork, which Ray resolves
+        from the driver's object ref), so this actor only builds an ONNX Runtime session, and imports no torch; it
+        comes with each call, not to the constructor, so that a restarted actor never needs a constructor argument
+        from the object store (ray-project/ray#53727). Without it the actor loads the model itself."""
         try:
+            if self.network is None and work.kind == "run_segment":
+                self.network = self._local_network(exported)
             return Done(work, getattr(self, work.kind)(work, progress))
         except Exception as exc:  # noqa: BLE001 - a bug with one input must not stop the others
             return Done(work, error=str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
+
+    def _local_network(self, exported):
+        if exported is not None:
+            from fkp_core.onnx_network import onnx_network
+
+            return onnx_network(exported)
+        from fkp_core.segments import load_network
+
+        return load_network(self.settings.model, "cpu")
 
     def run_segment(self, work: Work, progress):
         from fkp_core.segments import annotate_segment
@@ -468,7 +476,7 @@ class NetworkExport:
             self.thread.start()
 
     def ref(self, n_model: int):
-        """-> an object ref of the ExportedNetwork for CPU annotators (one copy per node, not one per actor), or None:
+        """-> an object ref of the ExportedNetwork for CPU annotators' calls (one copy per node), or None:
         model actors run the CNN, or the export is unavailable (each annotator then loads the model itself)."""
         import ray
 
