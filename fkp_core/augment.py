@@ -8,6 +8,7 @@ They act on :class:`~fkp_core.transforms.Sample` like the transforms of :mod:`fk
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -42,6 +43,33 @@ class UprightFaceCrop:
             box = np.array([cx - w * s / 2, cy - h * s / 2, w * s, h * s])
             angle += math.radians(rng.uniform(-self.jitter_degrees, self.jitter_degrees))
         return sample.then(crop_matrix(box, self.size, self.margin, angle), (self.size, self.size))
+
+
+class RandomNonFace:
+    """Turn the sample into a crop with no face in it (``face=False``), for the learned keypoint scores.
+
+    Moves the labels (and so the crop that follows them) off the face by one to two face sizes in a random
+    direction, or, one time in five, blanks the image to a flat gray or noise: the kinds of crop a detector's
+    false positives and a tracker's drift give. The labels no longer mark anything; training scores such a
+    crop's points as lost (:data:`~fkp_core.constants.NONFACE_ERROR`) and fits no positions to it.
+    """
+
+    def __init__(self, p: float = 0.05):
+        self.p = p
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.p:
+            return sample
+        sample = materialize(sample) if sample.pending else sample
+        if rng.random() < 0.2:
+            shape = sample.image.shape
+            flat = rng.random() < 0.5
+            image = np.full(shape, rng.integers(0, 256), np.uint8) if flat else rng.integers(0, 256, shape).astype(np.uint8)
+            return replace(sample, image=image, face=False)
+        lo, hi = sample.keypoints.min(0), sample.keypoints.max(0)
+        theta = rng.uniform(0, 2 * math.pi)
+        shift = rng.uniform(1.0, 2.0) * float((hi - lo).max()) * np.array([math.cos(theta), math.sin(theta)])
+        return replace(sample, keypoints=sample.keypoints + shift, face=False)
 
 
 def _region_ellipse(points: np.ndarray, grow: float) -> tuple[tuple[float, float], tuple[float, float]]:

@@ -1,12 +1,18 @@
 """Scores that say how far to trust a keypoint, and a face.
 
-Per keypoint: the landmark CNN's heatmap head reads each point out as the expectation of a
-softmax over a grid (soft-argmax). Where the network sees the point, the mass is concentrated;
-where it does not (an occluded mouth, a crop with no face in it) the mass spreads out. The
-score maps that spread to 0..1 (:func:`heatmap_keypoint_scores`) with two ends measured on
-labelled training faces: 1 at the sharpness of the sharpest 5% of training points, 0 at the
-median spread on non-face crops. It costs a few reductions over the heatmap the network already
-computes, and needs no new weights, so every heatmap model file gives scores.
+Per keypoint: each point gets an expected error (crop units), and the score maps it to 0..1
+(:func:`heatmap_keypoint_scores`) with two ends measured on labelled training faces: 1 at the
+sharpest 5% of training points, 0 at the median over non-face crops. Where the expected error comes
+from depends on the model (:class:`~fkp_core.model.HeatmapHead`):
+
+- a learned error head (``point_sigma``, the default model): a 1x1 convolution on the decoder's
+  features, read under the point's heatmap and trained to the points' detached errors, with crops
+  moved off the face counted as lost points (``jobs.train --point-sigma --nonface``). Networks trained
+  from ImageNet with occluders learn to place hidden points with sharp heatmaps, so their spread says
+  nothing about their error; this head is trained to say it.
+- otherwise the spread of the point's heatmap (the soft-argmax's softmax): where the network sees the
+  point the mass is concentrated, where it does not (an occluded mouth, no face) it spreads out. No
+  weights of its own, so every heatmap model file gives scores.
 
 Per face (:func:`face_confidence`): a logistic combination of the detector's score and the mean
 keypoint score (the fit), fitted on training images (detections matched to an annotated face
@@ -37,7 +43,8 @@ from fkp_core.constants import (
 
 
 def heatmap_keypoint_scores(variance, sharp: float = KEYPOINT_SPREAD_SHARP, flat: float = KEYPOINT_SPREAD_FLAT):
-    """Scores in 0..1 from the heatmap variance (x plus y, crop units) of each point; torch or numpy.
+    """Scores in 0..1 from each point's variance (crop units): its heatmap's (x plus y) or its learned expected
+    error squared; torch or numpy.
 
     Linear in log spread between ``sharp`` (1) and ``flat`` (0): a ratio of spreads means the same
     change of score at any sharpness. Written with plain arithmetic so that it exports to ONNX.

@@ -83,25 +83,31 @@ LEFT_EYE_INNER = 42
 
 # Training: the metric that picks a run's best epoch (mean validation NME over the training sources).
 SELECTION_METRIC = "val_nme"
+# Learned keypoint scores (ModelConfig.point_sigma): the expected point error (crop units of [-1, 1]) a new
+# error head starts at, and the error it learns for crops with no face in them (jobs.train --nonface)
+POINT_SIGMA_INIT = 0.05
+NONFACE_ERROR = 1.0
+POINT_SIGMA_LR_SCALE = 10.0  # the error head's learning rate over the run's --lr (fkp_core.training.make_optimizer)
 
-# Per-keypoint scores (fkp_core.confidence): a point's heatmap spread (RMS distance of its softmax
-# mass from the soft-argmax, in crop units of [-1, 1]) maps to 1 at or below SHARP and to 0 at or
-# above FLAT, linearly in log spread. These are the bundled default model's (a model's JSON can carry
-# its own under "keypoint_score"): SHARP the 5th percentile over labelled training faces (course
-# training + HELEN), FLAT the median over non-face crops of the same images, both printed by
-# `python -m jobs.evaluate --fit-confidence` (docs/confidence.md).
+# Per-keypoint scores (fkp_core.confidence): a point's expected error in crop units of [-1, 1] (its heatmap's
+# spread, RMS distance of its softmax mass from the soft-argmax, or its learned error head's output) maps to 1 at
+# or below SHARP and to 0 at or above FLAT, linearly in log. A model's JSON carries its own under "keypoint_score"
+# (every bundled one does); these are the range of models without one: those of `hm`, the former default (SHARP the
+# 5th percentile over labelled training faces, course training + HELEN; FLAT the median over non-face crops of the
+# same images; both printed by `python -m jobs.evaluate --fit-confidence`, docs/confidence.md).
 KEYPOINT_SPREAD_SHARP = 0.225
 KEYPOINT_SPREAD_FLAT = 0.572
 
 # Face confidence (fkp_core.confidence.face_confidence): sigmoid(BIAS + DETECTOR * logit(detector score)
 # + FIT * mean keypoint score) x consistency, the weights fitted by logistic regression on training images
-# (course training + HELEN: `python -m jobs.evaluate --fit-confidence`), never on AFW.
-FACE_CONF_BIAS = -17.54
-FACE_CONF_DETECTOR = 7.06
-FACE_CONF_FIT = 11.87
+# (course training + HELEN: `python -m jobs.evaluate --fit-confidence`), never on AFW, with the default model's
+# keypoint scores (other models use them as they are)
+FACE_CONF_BIAS = -19.23
+FACE_CONF_DETECTOR = 8.17
+FACE_CONF_FIT = 6.42
 # detectors without meaningful scores (Haar): sigmoid(FIT_ONLY_BIAS + FIT_ONLY * mean keypoint score), fitted the same way
-FACE_CONF_FIT_ONLY_BIAS = -7.75
-FACE_CONF_FIT_ONLY = 25.37
+FACE_CONF_FIT_ONLY_BIAS = -11.40
+FACE_CONF_FIT_ONLY = 21.69
 FACE_DETECTOR_SCORE_CLIP = (0.01, 0.99)  # detector scores are clipped to this before the logit (Haar says 1 for all)
 FACE_FIT_UNKNOWN = 0.5  # the fit term of models without per-keypoint scores (fully connected heads)
 # jobs.annotate --min-confidence default: faces below it are dropped. Chosen on the development clips: the

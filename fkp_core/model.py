@@ -8,12 +8,13 @@ away). Sized by :class:`ModelConfig`; ``MODEL_PRESETS`` names the configurations
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
 
-from fkp_core.constants import NUM_KEYPOINTS
+from fkp_core.constants import NUM_KEYPOINTS, POINT_SIGMA_INIT
 from fkp_core.transforms import CROP_MARGIN
 
 
@@ -37,8 +38,13 @@ class ModelConfig:
     backbone: str = "resnet"
     backbone_stride: int = 16
     upright: bool = False  # trained on crops turned so the eye line is level (transforms.face_frame)
+    # heatmap: keypoint scores from a learned per-point error (a 1x1 convolution on the decoder's features,
+    # read under each point's heatmap, trained on the positions' detached errors) instead of the heatmap's spread
+    point_sigma: bool = False
 
     def __post_init__(self) -> None:
+        if self.point_sigma and self.head != "heatmap":
+            raise ValueError("point_sigma needs head='heatmap'")
         if self.backbone != "resnet":
             from fkp_core.backbones import BACKBONES
 
@@ -125,12 +131,18 @@ class HeatmapHead(nn.Module):
     the expectation over each heatmap rather than by dense layers that must learn geometry.
     """
 
-    def __init__(self, stage_channels: list[int], stage_strides: list[int], out_stride: int, channels: int, size: int):
+    def __init__(self, stage_channels: list[int], stage_strides: list[int], out_stride: int, channels: int, size: int,
+                 point_sigma: bool = False):
         super().__init__()
         self.levels = [i for i, s in enumerate(stage_strides) if s >= out_stride]
         self.lateral = nn.ModuleList(nn.Conv2d(stage_channels[i], channels, 1, bias=False) for i in self.levels)
         self.smooth = nn.ModuleList(_conv_bn(channels, channels) for _ in self.levels[:-1])
         self.out = nn.Conv2d(channels, NUM_KEYPOINTS, 1)
+        self.sigma: nn.Conv2d | None = None
+        if point_sigma:
+            self.sigma = nn.Conv2d(channels, NUM_KEYPOINTS, 1)
+            nn.init.zeros_(self.sigma.weight)
+            nn.init.constant_(self.sigma.bias, math.log(POINT_SIGMA_INIT))
         cells = size // out_stride
         centers = (torch.arange(cells, dtype=torch.float32) + 0.5) * (2.0 / cells) - 1.0  # cell centres in [-1, 1]
         self.register_buffer("_grid", centers, persistent=False)
@@ -139,10 +151,14 @@ class HeatmapHead(nn.Module):
 
         self.score_range = (KEYPOINT_SPREAD_SHARP, KEYPOINT_SPREAD_FLAT)
 
-    def forward(self, stages: list[torch.Tensor], scores: bool = False) -> torch.Tensor:
+    def forward(self, stages: list[torch.Tensor], scores: bool = False, log_sd: bool = False) -> torch.Tensor:
         """(N, 68, 2) points in [-1, 1]; with ``scores``, (N, 68, 3): x, y and each point's score
-        (:func:`~fkp_core.confidence.heatmap_keypoint_scores`, from the spread of its heatmap: no new
-        weights, so old model files give scores too)."""
+        (:func:`~fkp_core.confidence.heatmap_keypoint_scores` of its expected error); with ``log_sd``, x, y and
+        the log of that expected error (crop units), what training fits.
+
+        The expected error is the learned one (``point_sigma``) where the head has it, else the spread of the
+        point's heatmap (no weights of its own, so old model files give scores too).
+        """
         feats = [stages[i] for i in self.levels]
         x = self.lateral[-1](feats[-1])
         for k in range(len(feats) - 2, -1, -1):
@@ -154,12 +170,19 @@ class HeatmapHead(nn.Module):
         mx, my = prob.sum(dim=2), prob.sum(dim=3)  # marginal distributions over columns and rows
         px = (mx * self._grid).sum(-1)
         py = (my * self._grid).sum(-1)
-        if not scores:
+        if not (scores or log_sd):
             return torch.stack([px, py], dim=-1)
+        if self.sigma is not None:
+            # the error map read where the point's own mass is; detached, so it never moves the points
+            sd_log = (prob.detach() * self.sigma(x.detach())).sum(dim=(2, 3))
+        else:
+            var = (mx * self._grid**2).sum(-1) - px**2 + (my * self._grid**2).sum(-1) - py**2
+            sd_log = 0.5 * var.clamp_min(1e-12).log()
+        if log_sd:
+            return torch.stack([px, py, sd_log], dim=-1)
         from fkp_core.confidence import heatmap_keypoint_scores
 
-        var = (mx * self._grid**2).sum(-1) - px**2 + (my * self._grid**2).sum(-1) - py**2
-        return torch.stack([px, py, heatmap_keypoint_scores(var, *self.score_range)], dim=-1)
+        return torch.stack([px, py, heatmap_keypoint_scores((2.0 * sd_log).exp(), *self.score_range)], dim=-1)
 
 
 class KeypointNet(nn.Module):
@@ -174,7 +197,7 @@ class KeypointNet(nn.Module):
 
             self.backbone = BACKBONES[config.backbone](gray=True, max_stride=config.backbone_stride)
             self.head = HeatmapHead(self.backbone.out_channels, self.backbone.out_strides, config.heatmap_stride,
-                                    config.head_hidden, config.input_size)
+                                    config.head_hidden, config.input_size, config.point_sigma)
             self.register_buffer("_mean", torch.tensor(config.input_mean), persistent=False)
             self.register_buffer("_std", torch.tensor(config.input_std), persistent=False)
             return
@@ -193,7 +216,8 @@ class KeypointNet(nn.Module):
             stage_channels.append(width)
         side = config.input_size // stride
         if config.head == "heatmap":
-            self.head: nn.Module = HeatmapHead(stage_channels, strides, config.heatmap_stride, config.head_hidden, config.input_size)
+            self.head: nn.Module = HeatmapHead(stage_channels, strides, config.heatmap_stride, config.head_hidden,
+                                               config.input_size, config.point_sigma)
         else:
             self.head = nn.Sequential(
                 nn.Flatten(),
@@ -205,19 +229,20 @@ class KeypointNet(nn.Module):
         self.register_buffer("_mean", torch.tensor(config.input_mean), persistent=False)
         self.register_buffer("_std", torch.tensor(config.input_std), persistent=False)
 
-    def forward(self, x: torch.Tensor, scores: bool = False) -> torch.Tensor:
-        """(N, 68, 2) keypoints; with ``scores`` (heatmap heads only), (N, 68, 3) with each point's score in 0..1."""
-        if scores and self.config.head != "heatmap":
+    def forward(self, x: torch.Tensor, scores: bool = False, log_sd: bool = False) -> torch.Tensor:
+        """(N, 68, 2) keypoints; heatmap heads only: with ``scores``, (N, 68, 3) with each point's score in 0..1,
+        with ``log_sd`` the log of its expected error instead (:meth:`HeatmapHead.forward`)."""
+        if (scores or log_sd) and self.config.head != "heatmap":
             raise ValueError("per-keypoint scores need a heatmap head")
         if self.config.backbone != "resnet":
-            return self.head(self.backbone((x - self._mean) / self._std), scores)
+            return self.head(self.backbone((x - self._mean) / self._std), scores, log_sd)
         x = self.stem((x - self._mean) / self._std)
         outs = []
         for stage in self.stages:
             x = stage(x)
             outs.append(x)
         if self.config.head == "heatmap":
-            return self.head(outs, scores)
+            return self.head(outs, scores, log_sd)
         return self.head(x).view(-1, NUM_KEYPOINTS, 2)
 
     @property

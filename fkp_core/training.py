@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fkp_core.augment import RandomFaceOccluder, RandomJpeg, RandomLowLight, RandomMotionBlur, UprightFaceCrop
-from fkp_core.constants import SELECTION_METRIC
+from fkp_core.augment import RandomFaceOccluder, RandomJpeg, RandomLowLight, RandomMotionBlur, RandomNonFace, UprightFaceCrop
+from fkp_core.constants import NONFACE_ERROR, POINT_SIGMA_LR_SCALE, SELECTION_METRIC
 from fkp_core.dataset import DatasetError, DataSource, Record, read_image, split_by_identity
 from fkp_core.metrics import nme
 from fkp_core.transforms import (
@@ -70,6 +70,10 @@ class TrainConfig:
     low_light: float = 0.0  # dim, noisy frame (RandomLowLight)
     motion_blur: float = 0.0  # directional blur (RandomMotionBlur)
     jpeg: float = 0.0  # JPEG round trip at quality 10-70 (RandomJpeg)
+    # learned keypoint scores: give the heatmap head an error head (ModelConfig.point_sigma) and fit it, and the
+    # share of crops turned into non-faces (RandomNonFace) that teach it what a lost point looks like
+    point_sigma: bool = False
+    nonface: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def to_dict(self) -> dict:
@@ -187,17 +191,46 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (no decay on norms and biases) with the configured per-step schedule."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
-    )
+    """AdamW (no decay on norms and biases) with the configured per-step schedule; an error head (a linear read-out
+    of detached features, whose log-scale output must travel far from its start) learns at ``POINT_SIGMA_LR_SCALE``
+    times the rate."""
+    decay, no_decay, sigma = [], [], []
+    for name, p in model.named_parameters():
+        (sigma if "head.sigma." in name else no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if sigma:
+        groups.append({"params": sigma, "weight_decay": 0.0, "lr": cfg.lr * POINT_SIGMA_LR_SCALE})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
     total = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.schedule))
     return opt, sched
+
+
+def point_sigma_nll(log_sd: torch.Tensor, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Laplace negative log-likelihood of each point's error under its predicted scale (minimised where
+    ``exp(log_sd)`` is the expected error): the errors are detached, so this trains the error head only.
+    Rows of NaN targets (no face in the crop) count as lost points, :data:`NONFACE_ERROR` away."""
+    err = (pred.detach() - target).norm(dim=-1)
+    err = torch.where(torch.isnan(err), torch.full_like(err, NONFACE_ERROR), err)
+    return (log_sd + err * torch.exp(-log_sd)).mean()
+
+
+def batch_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, loss_fn, point_sigma: bool,
+               teacher: nn.Module | None = None, distill_weight: float = 0.5) -> torch.Tensor:
+    """A batch's training loss: positions on the crops that hold a face (labels, and the teacher's predictions
+    when distilling), plus the error head's likelihood over all crops when the model has one."""
+    out = model(images, log_sd=True) if point_sigma else model(images)
+    pred = out[..., :2]
+    face = ~torch.isnan(targets).flatten(1).any(dim=1)
+    loss = loss_fn(pred[face], targets[face]) if bool(face.any()) else pred.sum() * 0.0
+    if teacher is not None and bool(face.any()):
+        with torch.no_grad():
+            taught = teacher(images[face])[..., :2]
+        loss = (1 - distill_weight) * loss + distill_weight * loss_fn(pred[face], taught)
+    if point_sigma:
+        loss = loss + point_sigma_nll(out[..., 2], pred, targets)
+    return loss
 
 
 def train_epoch(
@@ -209,12 +242,14 @@ def train_epoch(
     device: torch.device,
     teacher: nn.Module | None = None,
     distill_weight: float = 0.5,
+    point_sigma: bool = False,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns mean loss, images seen and images per second.
 
     With a ``teacher`` (knowledge distillation), the loss mixes the labels with the teacher's
     predictions on the very same augmented crops: a smaller network learns the larger one's
-    consistent placement rather than the frame-to-frame noise of hand labels alone.
+    consistent placement rather than the frame-to-frame noise of hand labels alone. With
+    ``point_sigma`` the model's error head is fitted too (:func:`point_sigma_nll`).
     """
     model.train()
     if teacher is not None:
@@ -224,12 +259,7 @@ def train_epoch(
     for images, targets, _ in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        pred = model(images)
-        loss = loss_fn(pred, targets)
-        if teacher is not None:
-            with torch.no_grad():
-                taught = teacher(images)
-            loss = (1 - distill_weight) * loss + distill_weight * loss_fn(pred, taught)
+        loss = batch_loss(model, images, targets, loss_fn, point_sigma, teacher, distill_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -268,18 +298,19 @@ def validation_nme(model: nn.Module, loader: DataLoader, device: torch.device, n
 
 
 def _wild(cfg: TrainConfig, upright: bool) -> bool:
-    return upright or any((cfg.occluders, cfg.low_light, cfg.motion_blur, cfg.jpeg))
+    return upright or any((cfg.occluders, cfg.low_light, cfg.motion_blur, cfg.jpeg, cfg.nonface))
 
 
 def wild_transform(size: int, cfg: TrainConfig, margin: float = CROP_MARGIN, upright: bool = False, flip: float = 0.0) -> Compose:
     """Training crops for faces in the wild: :func:`~fkp_core.transforms.train_transform`'s steps plus
     occluders over the eyes and mouth, low light, motion blur and JPEG artefacts, on upright crops
     (roll jitter of ``cfg.augment.rotation`` degrees) when ``upright``; ``flip`` is this source's flip
-    probability (mirror-symmetric labels only). Occluders go on before the photometric steps, so that
+    probability (mirror-symmetric labels only); ``cfg.nonface`` of the crops are moved off the face
+    (:class:`~fkp_core.augment.RandomNonFace`, NaN labels). Occluders go on before the photometric steps, so that
     they are blurred, darkened and compressed with the face.
     """
     aug = cfg.augment
-    steps: list[Transform] = []
+    steps: list[Transform] = [RandomNonFace(cfg.nonface)] if cfg.nonface > 0 else []
     if upright:
         steps.append(UprightFaceCrop(size, margin, aug.box_jitter_scale, aug.box_jitter_shift, aug.rotation))
     else:
@@ -354,13 +385,22 @@ def check_split(src: DataSource, records: Sequence[Record], val_fraction: float)
 
 def initial_model(cfg: TrainConfig, log: logging.Logger | None = None) -> nn.Module:
     """The network a run starts from: a release model's (``init``), or the preset's, with ImageNet weights
-    (``pretrained``) and frozen early layers (``freeze_stride``) as configured; ``log`` hears what was done."""
+    (``pretrained``), an error head (``point_sigma``) and frozen early layers (``freeze_stride``) as configured;
+    ``log`` hears what was done."""
     from fkp_core.model import build_model
     from fkp_core.weights import load_model
 
     if cfg.init:
-        return _frozen(load_model(cfg.init).model.train(), cfg, log)
-    preset = build_model(cfg.model, **({"input_size": cfg.input_size} if cfg.input_size else {}))
+        model = load_model(cfg.init).model.train()
+        if cfg.point_sigma and not model.config.point_sigma:
+            fresh = build_model(model.config, point_sigma=True)
+            missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
+            if unexpected or any(not k.startswith("head.sigma.") for k in missing):
+                raise ValueError(f"cannot add an error head to {cfg.init}: {missing + unexpected}")
+            model = fresh.train()
+        return _frozen(model, cfg, log)
+    overrides = {"input_size": cfg.input_size} if cfg.input_size else {}
+    preset = build_model(cfg.model, **overrides, **({"point_sigma": True} if cfg.point_sigma else {}))
     if cfg.pretrained:
         unused = preset.load_pretrained()
         if log is not None:

@@ -177,6 +177,7 @@ class Sample:
     matrix: np.ndarray = field(default_factory=lambda: np.eye(3))  # source -> output pixels
     out_size: tuple[int, int] | None = None  # (w, h) of the output; None: same as the image
     flipped: bool = False
+    face: bool = True  # False: a crop with no face in it (augment.RandomNonFace); its keypoints mark nothing
 
     @property
     def size(self) -> tuple[int, int]:
@@ -261,7 +262,7 @@ def materialize(sample: Sample, interpolation: int = cv2.INTER_LINEAR, border: i
         corners = apply_matrix(m, np.array([[x, y], [x + bw, y], [x, y + bh], [x + bw, y + bh]]))
         lo, hi = corners.min(0), corners.max(0)
         box = np.array([lo[0], lo[1], hi[0] - lo[0], hi[1] - lo[1]], dtype=np.float32)
-    return Sample(image=image, keypoints=keypoints, box=box)
+    return Sample(image=image, keypoints=keypoints, box=box, face=sample.face)
 
 
 # ---- the face crop ----
@@ -461,7 +462,7 @@ class RandomOcclusion:
 
 
 def to_tensors(sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, S, S) float image in [0, 1] and (68, 2) keypoints in [-1, 1] of a warped square sample."""
+    """(1, S, S) float image in [0, 1] and (68, 2) keypoints in [-1, 1] of a warped square sample (NaN: no face)."""
     import torch
 
     sample = materialize(sample)
@@ -472,7 +473,7 @@ def to_tensors(sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
     h, w = img.shape
     if h != w:
         raise ValueError(f"model input must be square, got {w}x{h}")
-    kp = normalize_keypoints(sample.keypoints, w)
+    kp = normalize_keypoints(sample.keypoints, w) if sample.face else np.full(sample.keypoints.shape, np.nan, np.float32)
     return torch.from_numpy(np.ascontiguousarray(img))[None], torch.from_numpy(kp)
 
 

@@ -24,10 +24,10 @@ from fkp_core.model import KeypointNet, ModelConfig
 
 FORMAT = "fkp-keypoints/1"
 DEFAULT_MODEL_NAME = "fkp_default"
-# models shipped inside the package, by the name a --model flag takes: the accurate default and two
-# networks distilled from it for the video fast path, ~0.6x and ~0.3x its CPU time per face, at some
-# accuracy (README: Accuracy and Speed)
-BUNDLED_MODELS = {"default": DEFAULT_MODEL_NAME, "fast": "fkp_fast", "fastest": "fkp_fastest"}
+# models shipped inside the package, by the name a --model flag takes: the default (MobileNetV2 from ImageNet,
+# with learned keypoint scores), the former default (hm, trained from scratch) and two networks distilled from
+# hm for the video fast path, ~0.6x and ~0.3x its CPU time per face (README: Accuracy and Speed)
+BUNDLED_MODELS = {"default": DEFAULT_MODEL_NAME, "hm": "fkp_hm", "fast": "fkp_fast", "fastest": "fkp_fastest"}
 
 
 class ModelFileError(RuntimeError):

@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter", default="keypoints", metavar="NAMES",
                    help=f"comma-separated overlays for --render, applied in order: {', '.join(sorted(FILTERS))}")
     p.add_argument("--model", default=None, help="model file (NAME.pt with NAME.json beside it), or a bundled model by name: "
-                   "'default' (the most accurate), 'fast' or 'fastest' (~0.6x and ~0.3x its CPU time per face, at 2-4%% and "
-                   "9-11%% higher NME: README, Accuracy); default: default")
+                   "'default' (the most accurate), 'hm' (the former default), 'fast' or 'fastest' (smaller networks distilled "
+                   "from hm, for speed; what each costs and scores: README, Accuracy); default: default")
     p.add_argument("--overwrite", action="store_true", help="redo videos that are already finished in --out")
     g = p.add_argument_group("speed and accuracy")
     g.add_argument("--segment-frames", type=positive_int, default=None,

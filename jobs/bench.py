@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs of the local Ray instance (default: all)")
     a.add_argument("--extra", default="", help="more flags for jobs.annotate, as one string (e.g. '--model-actors 1')")
     m = sub.add_parser("model", help="CNN time per face by batch size", formatter_class=HelpFormatter)
-    m.add_argument("--model", default=None, help="model file, or a bundled model by name ('default', 'fast', 'fastest'); default: default")
+    m.add_argument("--model", default=None, help="model file, or a bundled model by name ('default', 'hm', 'fast', 'fastest'); default: default")
     m.add_argument("--device", default="cpu", help="torch device")
     m.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (1 = one core, as the 3 ms budget is stated)")
     m.add_argument("--batch-sizes", default="1,8,32,128", help="comma-separated batch sizes")

@@ -44,7 +44,7 @@ MATCH_IOU = 0.3
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="model file (NAME.pt + NAME.json), or a bundled model by name ('default', 'fast', 'fastest'); default: default")
+    p.add_argument("--model", default=None, help="model file (NAME.pt + NAME.json), or a bundled model by name ('default', 'hm', 'fast', 'fastest'); default: default")
     p.add_argument("--data", action="append", metavar="[KIND:]PATH",
                    help="labelled source, repeatable: course layout (its --split is used) or an iBUG .pts folder; default: $FKP_DATA/fkp")
     p.add_argument("--split", default="test", choices=["test", "training"], help="which part of a course-layout source")

@@ -76,10 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input-size", type=positive_int, default=None, help="crop side in pixels (default: the preset's)")
     g.add_argument("--init", default=None, metavar="MODEL",
                    help="start from the weights of a release model (NAME.pt with NAME.json beside it, or a bundled one by "
-                        "name: 'bundled' or 'default', 'fast', 'fastest'), to fine-tune it on more data; its architecture replaces --model and --input-size "
+                        "name: 'bundled' or 'default', 'hm', 'fast', 'fastest'), to fine-tune it on more data; its architecture replaces --model and --input-size "
                         "(default: random initialisation)")
     g.add_argument("--distill", default=None, metavar="MODEL",
-                   help="knowledge distillation: a release model (path, or 'bundled'/'default', 'fast', 'fastest') whose predictions on the same "
+                   help="knowledge distillation: a release model (path, or 'bundled'/'default', 'hm', 'fast', 'fastest') whose predictions on the same "
                         "augmented crops the network also learns; it must take the same input size (default: off)")
     g.add_argument("--distill-weight", type=share, default=d.distill_weight,
                    help="share of the loss given to the --distill teacher's predictions (the rest to the labels)")
@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--low-light", type=unit_interval, default=d.low_light, help="probability of a dim, noisy crop (gain, gamma, sensor noise)")
     g.add_argument("--motion-blur", type=unit_interval, default=d.motion_blur, help="probability of a directional blur")
     g.add_argument("--jpeg", type=unit_interval, default=d.jpeg, help="probability of a JPEG round trip at quality 10-70")
+    g.add_argument("--point-sigma", action="store_true",
+                   help="learn keypoint scores: add an error head to the heatmap head (kept by --init models that have "
+                        "one) and fit it to the points' errors; without it, scores come from each heatmap's spread")
+    g.add_argument("--nonface", type=unit_interval, default=d.nonface,
+                   help="share of training crops moved off the face or blanked, whose points the error head learns to "
+                        "score as lost (needs an error head)")
     g.add_argument("--freeze-stride", type=int, choices=[0, 2, 4, 8], default=d.freeze_stride,
                    help="keep the backbone's layers up to this output stride at their initial (ImageNet) weights, batch norms "
                         "included: a cheaper backward pass on CPUs (0: train everything; mnv2/lite0 only)")
@@ -272,7 +278,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
-        stats = train_epoch(model, train_loader, optimizer, scheduler, cfg.loss, device, teacher, cfg.distill_weight)
+        stats = train_epoch(model, train_loader, optimizer, scheduler, cfg.loss, device, teacher, cfg.distill_weight,
+                            core.config.point_sigma)
         per_source = validation_nme(core, val_loader, device, val_ds.sources)
         metrics = epoch_metrics(epoch, stats, per_source, train_names, world, scheduler.get_last_lr()[0])
         improved = metrics[SELECTION_METRIC] < best[SELECTION_METRIC]
@@ -351,7 +358,8 @@ def _resolve_init(args: argparse.Namespace) -> tuple[str | None, dict | None]:
 
 
 def _check_pretrained(args: argparse.Namespace, parent: dict | None) -> None:
-    """``--pretrained`` / ``--freeze-stride``: a model with a backbone, its ImageNet weights installed (checked here, not in a worker)."""
+    """``--pretrained`` / ``--freeze-stride`` / ``--point-sigma`` / ``--nonface``: a model that has what they act on, its
+    ImageNet weights installed (checked here, not in a worker)."""
     from fkp_core.backbones import PretrainedError, pretrained_path
     from fkp_core.model import MODEL_PRESETS
     from fkp_core.training import TrainConfig
@@ -360,6 +368,12 @@ def _check_pretrained(args: argparse.Namespace, parent: dict | None) -> None:
     backbone = parent["config"].get("backbone", "resnet") if parent else MODEL_PRESETS[name].backbone
     if args.freeze_stride and backbone == "resnet":
         raise UsageError("--freeze-stride needs a model with a backbone (mnv2, lite0)")
+    head = parent["config"].get("head", "fc") if parent else MODEL_PRESETS[name].head
+    sigma = args.point_sigma or bool(parent and parent["config"].get("point_sigma"))
+    if args.point_sigma and head != "heatmap":
+        raise UsageError(f"--point-sigma needs a heatmap head (model {name!r} has {head!r})")
+    if args.nonface and not sigma:
+        raise UsageError("--nonface teaches the error head: add --point-sigma")
     if not args.pretrained:
         return
     if parent is not None:
@@ -515,6 +529,7 @@ def _train_config(args: argparse.Namespace, init: str | None, distill: str | Non
         val_fraction=args.val_fraction, seed=args.seed,
         loader_workers=args.loader_workers if args.loader_workers is not None else max(0, int(args.cpus_per_worker) - 1),
         pretrained=args.pretrained, freeze_stride=args.freeze_stride, occluders=args.occluders, low_light=args.low_light, motion_blur=args.motion_blur, jpeg=args.jpeg,
+        point_sigma=args.point_sigma, nonface=args.nonface,
         augment=replace(AugmentConfig(), rotation=args.rotation, occlusion=args.occlusion, flip=args.flip, photometric=not args.no_photometric),
     )
 

@@ -158,10 +158,11 @@ def test_the_fast_models_cost_less_than_the_default():
             h.remove()
         return total
 
-    default, fast, fastest = load_model("default"), load_model("fast"), load_model("fastest")
-    assert macs(fastest.model) < 0.5 * macs(fast.model) and macs(fast.model) < 0.6 * macs(default.model)
+    default, hm, fast, fastest = (load_model(n) for n in ("default", "hm", "fast", "fastest"))
+    assert macs(fastest.model) < 0.5 * macs(fast.model) and macs(fast.model) < 0.6 * macs(hm.model)
+    assert macs(fast.model) < 0.7 * macs(default.model)
     for small in (fast, fastest):
-        assert small.metadata["trained"]["distill"]["sha256"] == default.metadata["sha256"]  # taught by the default
+        assert small.metadata["trained"]["distill"]["sha256"] == hm.metadata["sha256"]  # taught by the former default
 
 
 # ---- ImageNet backbones (fkp_core.backbones) ----
@@ -226,29 +227,43 @@ def test_gray_fold_gives_the_rgb_network_on_a_replicated_gray_image(name):
     assert got.softmax(-1).argmax(-1).tolist() == want.softmax(-1).argmax(-1).tolist()
 
 
-def test_backbone_model_round_trip_onnx_and_first_conv(tmp_path):
+@pytest.mark.parametrize("point_sigma", [False, True])
+def test_backbone_model_round_trip_onnx_and_first_conv(tmp_path, point_sigma):
     from fkp_core.inference import OnnxPredictor
 
     torch.manual_seed(0)
-    model = build_model("mnv2", input_size=64).eval()
+    model = build_model("mnv2", input_size=64, point_sigma=point_sigma).eval()
     assert model.config.upright and model.config.backbone == "mobilenet_v2"
-    path = save_model(model, tmp_path / "mnv2", {"note": "backbone"})
+    if point_sigma:  # a fitted error head: scores that differ from point to point and crop to crop
+        with torch.no_grad():
+            model.head.sigma.weight.normal_(0.0, 0.3)
+            model.head.sigma.bias.normal_(-2.0, 0.5)
+        model.head.score_range = (0.02, 2.0)
+    path = save_model(model, tmp_path / "mnv2", {"note": "backbone", "keypoint_score": {"sharp": 0.02, "flat": 2.0}})
     loaded = load_model(path)
     assert loaded.config == model.config
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         want = model(x)
         torch.testing.assert_close(loaded.model(x), want)
+        scored = loaded.model(x, scores=True)
     assert want.shape == (2, 68, 2) and want.abs().max() <= 1
+    torch.testing.assert_close(scored[..., :2], want)
+    if point_sigma:
+        assert scored[..., 2].std() > 0.01 and ((scored[..., 2] > 0) & (scored[..., 2] < 1)).all()
     got = OnnxPredictor(loaded.model, threads=1)(x[:, 0].numpy())
     np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+    got = OnnxPredictor(loaded.model, threads=1, scores=True)(x[:, 0].numpy())
+    np.testing.assert_allclose(got, scored.numpy(), atol=1e-4)
     assert model.first_conv(x).shape[1] == 32  # viz draws the gray stem's filters from a 1-channel crop
 
 
 def test_old_bundled_models_keep_their_architecture():
-    for name in BUNDLED_MODELS:
+    for name in ("hm", "fast", "fastest"):  # trained before the ImageNet backbones: scores from their heatmaps' spread
         cfg = load_model(name).config
-        assert cfg.backbone == "resnet" and not cfg.upright
+        assert cfg.backbone == "resnet" and not cfg.upright and not cfg.point_sigma
+    cfg = load_model("default").config
+    assert cfg.backbone == "mobilenet_v2" and cfg.upright and cfg.point_sigma
 
 
 def test_backbone_config_validation():
@@ -258,6 +273,8 @@ def test_backbone_config_validation():
         ModelConfig(backbone="mobilenet_v2", head="fc", input_size=64)
     with pytest.raises(ValueError, match="divide input_size"):
         ModelConfig(backbone="mobilenet_v2", head="heatmap", heatmap_stride=8, input_size=72)
+    with pytest.raises(ValueError, match="point_sigma needs head='heatmap'"):
+        ModelConfig(head="fc", point_sigma=True)
 
 
 def test_freezing_keeps_early_layers_and_their_batch_norms():

@@ -251,12 +251,16 @@ def test_two_epochs_from_imagenet_weights_with_the_wild_recipe(ray_session, cour
     code = _main(train, ["--data", f"course:{course}", "--data", f"ibug:{helen}", "--epochs", "2", "--model", "mnv2",
                          "--input-size", "64", "--pretrained", "--freeze-stride", "4", "--rotation", "8", "--flip", "0.5",
                          "--occluders", "0.3", "--low-light", "0.2", "--motion-blur", "0.1", "--jpeg", "0.3",
-                         "--output", out, "--name", "p", *tiny])
+                         "--point-sigma", "--nonface", "0.2", "--output", out, "--name", "p", *tiny])
     assert code == 0
     loaded = load_model(out / "p.pt")
     assert loaded.config.backbone == "mobilenet_v2" and loaded.config.upright and loaded.config.input_size == 64
+    assert loaded.config.point_sigma
     tc = loaded.metadata["trained"]["train_config"]
     assert tc["pretrained"] and tc["freeze_stride"] == 4 and tc["occluders"] == 0.3 and tc["augment"]["flip"] == 0.5
+    assert tc["point_sigma"] and tc["nonface"] == 0.2
+    # the error head was fitted (it starts as a constant: zero weights)
+    assert loaded.model.head.sigma.weight.abs().sum() > 0
     assert loaded.metadata["trained"]["epochs_run"] == 2
     assert "upright" in loaded.metadata["normalization"]["face_box"]
     # the run started from ImageNet: the frozen early layers are exactly the folded ImageNet weights,
@@ -271,6 +275,8 @@ def test_two_epochs_from_imagenet_weights_with_the_wild_recipe(ray_session, cour
     assert any(not torch.equal(got[k], want[k]) for k in trained)
     with torch.no_grad():
         assert loaded.model(torch.rand(1, 1, 64, 64)).shape == (1, 68, 2)
+        scores = loaded.model(torch.rand(1, 1, 64, 64), scores=True)[..., 2]
+    assert ((scores >= 0) & (scores <= 1)).all()
     # --export-checkpoint writes the same best epoch from the run's checkpoint, without training
     code = _main(train, ["--export-checkpoint", "--output", tmp_path / "exported", "--storage", (out / "checkpoints").resolve(),
                          "--name", "p", "-q"])
@@ -289,3 +295,7 @@ def test_pretrained_needs_a_backbone(course, tmp_path, capsys):
     assert code == 2 and "--freeze-stride needs a model with a backbone" in capsys.readouterr().err
     code = _main(train, ["--export-checkpoint", "--output", tmp_path, "--storage", tmp_path / "none", "--name", "x", "-q"])
     assert code == 2 and "no checkpoint of run 'x'" in capsys.readouterr().err
+    code = _main(train, ["--data", f"course:{course}", "--model", "hm", "--nonface", "0.1", "--output", tmp_path, "-q"])
+    assert code == 2 and "--nonface teaches the error head: add --point-sigma" in capsys.readouterr().err
+    code = _main(train, ["--data", f"course:{course}", "--model", "base", "--point-sigma", "--output", tmp_path, "-q"])
+    assert code == 2 and "--point-sigma needs a heatmap head" in capsys.readouterr().err

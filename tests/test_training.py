@@ -131,3 +131,59 @@ def test_wild_augmentations_keep_the_labels_and_change_the_pixels(tmp_path):
         np.testing.assert_allclose(a.keypoints, b.keypoints, atol=1e-4)  # photometric and occluders: no geometry
         assert a.image.dtype == np.float32 and a.image.shape == (224, 224) and 0 <= a.image.min() and a.image.max() <= 1
         assert np.abs(a.image - b.image).mean() > 0.01
+
+
+def test_nonface_crops_lose_their_labels_and_leave_the_face():
+    from fkp_core.transforms import to_tensors
+
+    kp = grid_keypoints((450.0, 450.0), spacing=14.0)
+    image = dot_image(kp, (900, 900), radius=4)  # the face in the middle of a large empty frame
+    still = AugmentConfig(**{**_STILL.__dict__, "flip": 0.0})
+    face = wild_transform(128, TrainConfig(augment=still), 0.2, upright=True)
+    moved = wild_transform(128, TrainConfig(nonface=1.0, augment=still), 0.2, upright=True)
+    on_face = face(Sample(image, kp.copy()), np.random.default_rng(0))
+    face_lit = float((on_face.image > 0.1).mean())
+    kinds = set()
+    for seed in range(12):
+        s = moved(Sample(image, kp.copy()), np.random.default_rng(seed))
+        img, labels = to_tensors(s)
+        assert not s.face and torch.isnan(labels).all()
+        std = float(img.std())
+        kind = "blank" if std < 0.02 else "noise" if std > 0.25 else "moved"
+        if kind == "moved":  # at most a sliver of the dots the face crop is full of
+            assert float((img > 0.1).float().mean()) < 0.5 * face_lit
+        kinds.add(kind)
+    assert "moved" in kinds and len(kinds) >= 2
+    assert not torch.isnan(to_tensors(on_face)[1]).any()
+
+
+def test_error_head_learns_which_crops_have_no_face_and_never_moves_the_points():
+    from fkp_core.training import LOSSES, batch_loss, point_sigma_nll
+
+    torch.manual_seed(0)
+    faces = torch.zeros(16, 1, 64, 64)
+    faces[:, :, 16:48, 16:48] = 0.8  # a bright square "face", points on a grid over it
+    noise = torch.rand(16, 1, 64, 64)
+    grid = torch.stack(torch.meshgrid(torch.linspace(-0.5, 0.5, 8), torch.linspace(-0.5, 0.5, 9), indexing="ij"), -1)
+    labels = grid.flip(-1).reshape(-1, 2)[:68].expand(16, 68, 2).clone()
+    images = torch.cat([faces, noise])
+    targets = torch.cat([labels, torch.full_like(labels, float("nan"))])
+    model = build_model("tiny", head="heatmap", heatmap_stride=8, point_sigma=True)
+    # the error head's loss reaches the error head only
+    out = model(images, log_sd=True)
+    point_sigma_nll(out[..., 2], out[..., :2], targets).backward()
+    moved = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert moved == {"head.sigma.weight", "head.sigma.bias"}
+    model.zero_grad()
+    loader = DataLoader(TensorDataset(images, targets, torch.zeros(32, dtype=torch.long)), batch_size=8, shuffle=True)
+    cfg = TrainConfig(epochs=30, lr=3e-3, warmup_epochs=0)
+    opt, sched = make_optimizer(model, cfg, len(loader))
+    assert torch.isfinite(batch_loss(model, images, targets, LOSSES["wing"], True))
+    for _ in range(cfg.epochs):
+        train_epoch(model, loader, opt, sched, "wing", torch.device("cpu"), point_sigma=True)
+    model.eval()
+    with torch.no_grad():
+        log_sd = model(images, log_sd=True)[..., 2]
+        scores = model(images, scores=True)[..., 2]
+    assert log_sd[16:].mean() > log_sd[:16].mean() + 1.0  # non-faces: far larger expected errors
+    assert torch.isfinite(scores).all() and scores[:16].mean() >= scores[16:].mean()

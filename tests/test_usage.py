@@ -160,7 +160,7 @@ def test_usage_errors_answer_before_ray_and_create_nothing(tmp_path, capsys, mon
 def test_a_bundled_name_typo_lists_the_bundled_models(capsys, monkeypatch, tmp_path):
     _no_ray(monkeypatch)
     code, err = _annotate([SAMPLE, "--out", tmp_path / "o", "--model", "fastestt"], capsys)
-    assert code == 2 and "bundled: default, fast, fastest" in err
+    assert code == 2 and "bundled: default, hm, fast, fastest" in err
 
 
 def test_usage_error_in_a_fresh_process_takes_no_ray_start(tmp_path):
