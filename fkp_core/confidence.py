@@ -1,7 +1,7 @@
 """Scores that say how far to trust a keypoint, and a face.
 
 Per keypoint: each point gets an expected error (crop units), and the score maps it to 0..1
-(:func:`heatmap_keypoint_scores`) with two ends measured on labelled training faces: 1 at the
+(:func:`log_sd_keypoint_scores`) with two ends measured on labelled training faces: 1 at the
 sharpest 5% of training points, 0 at the median over non-face crops. Where the expected error comes
 from depends on the model (:class:`~fkp_core.model.HeatmapHead`):
 
@@ -43,13 +43,18 @@ from fkp_core.constants import (
 
 
 def heatmap_keypoint_scores(variance, sharp: float = KEYPOINT_SPREAD_SHARP, flat: float = KEYPOINT_SPREAD_FLAT):
-    """Scores in 0..1 from each point's variance (crop units): its heatmap's (x plus y) or its learned expected
-    error squared; torch or numpy.
+    """Scores in 0..1 from the heatmap variance (x plus y, crop units) of each point; torch or numpy."""
+    log_sd = 0.5 * (variance.clamp_min(1e-12).log() if hasattr(variance, "clamp_min") else np.log(np.maximum(variance, 1e-12)))
+    return log_sd_keypoint_scores(log_sd, sharp, flat)
+
+
+def log_sd_keypoint_scores(log_sd, sharp: float = KEYPOINT_SPREAD_SHARP, flat: float = KEYPOINT_SPREAD_FLAT):
+    """Scores in 0..1 from the log of each point's expected error (crop units: its heatmap's spread, or what a
+    learned error head predicts); torch or numpy.
 
     Linear in log spread between ``sharp`` (1) and ``flat`` (0): a ratio of spreads means the same
     change of score at any sharpness. Written with plain arithmetic so that it exports to ONNX.
     """
-    log_sd = 0.5 * (variance.clamp_min(1e-12).log() if hasattr(variance, "clamp_min") else np.log(np.maximum(variance, 1e-12)))
     score = (math.log(flat) - log_sd) / (math.log(flat) - math.log(sharp))
     return score.clamp(0.0, 1.0) if hasattr(score, "clamp") else np.clip(score, 0.0, 1.0)
 

@@ -153,7 +153,7 @@ class HeatmapHead(nn.Module):
 
     def forward(self, stages: list[torch.Tensor], scores: bool = False, log_sd: bool = False) -> torch.Tensor:
         """(N, 68, 2) points in [-1, 1]; with ``scores``, (N, 68, 3): x, y and each point's score
-        (:func:`~fkp_core.confidence.heatmap_keypoint_scores` of its expected error); with ``log_sd``, x, y and
+        (:func:`~fkp_core.confidence.log_sd_keypoint_scores` of its expected error); with ``log_sd``, x, y and
         the log of that expected error (crop units), what training fits.
 
         The expected error is the learned one (``point_sigma``) where the head has it, else the spread of the
@@ -180,9 +180,9 @@ class HeatmapHead(nn.Module):
             sd_log = 0.5 * var.clamp_min(1e-12).log()
         if log_sd:
             return torch.stack([px, py, sd_log], dim=-1)
-        from fkp_core.confidence import heatmap_keypoint_scores
+        from fkp_core.confidence import log_sd_keypoint_scores
 
-        return torch.stack([px, py, heatmap_keypoint_scores((2.0 * sd_log).exp(), *self.score_range)], dim=-1)
+        return torch.stack([px, py, log_sd_keypoint_scores(sd_log, *self.score_range)], dim=-1)
 
 
 class KeypointNet(nn.Module):

@@ -223,8 +223,9 @@ def batch_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, lo
     out = model(images, log_sd=True) if point_sigma else model(images)
     pred = out[..., :2]
     face = ~torch.isnan(targets).flatten(1).any(dim=1)
-    loss = loss_fn(pred[face], targets[face]) if bool(face.any()) else pred.sum() * 0.0
-    if teacher is not None and bool(face.any()):
+    any_face = bool(face.any())
+    loss = loss_fn(pred[face], targets[face]) if any_face else pred.sum() * 0.0
+    if teacher is not None and any_face:
         with torch.no_grad():
             taught = teacher(images[face])[..., :2]
         loss = (1 - distill_weight) * loss + distill_weight * loss_fn(pred[face], taught)
@@ -400,7 +401,9 @@ def initial_model(cfg: TrainConfig, log: logging.Logger | None = None) -> nn.Mod
             model = fresh.train()
         return _frozen(model, cfg, log)
     overrides = {"input_size": cfg.input_size} if cfg.input_size else {}
-    preset = build_model(cfg.model, **overrides, **({"point_sigma": True} if cfg.point_sigma else {}))
+    if cfg.point_sigma:
+        overrides["point_sigma"] = True
+    preset = build_model(cfg.model, **overrides)
     if cfg.pretrained:
         unused = preset.load_pretrained()
         if log is not None:
