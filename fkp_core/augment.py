@@ -13,6 +13,7 @@ from dataclasses import replace
 import cv2
 import numpy as np
 
+from fkp_core.constants import THREE_QUARTER_MAX_YAW
 from fkp_core.transforms import CROP_MARGIN, Sample, _as_float, _with_image, crop_matrix, face_frame, materialize
 
 
@@ -70,6 +71,56 @@ class RandomNonFace:
         theta = rng.uniform(0, 2 * math.pi)
         shift = rng.uniform(1.0, 2.0) * float((hi - lo).max()) * np.array([math.cos(theta), math.sin(theta)])
         return replace(sample, keypoints=sample.keypoints + shift, face=False)
+
+
+class RandomThreeQuarterView:
+    """Turn the face about its vertical axis by up to ``max_degrees``: three-quarter views from frontal faces,
+    where the jaw line leaves the frontal template (the near cheek widens, the far one narrows, the nose
+    moves toward the far cheek).
+
+    The head is a paraboloid of revolution over the keypoints' extent (a bit wider than the jaw, up to the
+    forehead), seen orthographically; turning it by ``d`` shifts what is at x' in the output from
+    ``x = c + (x' - c) cos d - depth(x', y) sin d`` in the input. The image is resampled through that map
+    (``cv2.remap``) and each keypoint goes to the x' the map sends to it, so the labels stay on the content
+    they mark; the map is one-to-one for turns below atan(0.5) (the depth's slope is at most 2), and what
+    would come into view from behind the head is not made up. Acts on the warped crop.
+    """
+
+    def __init__(self, p: float = 0.2, max_degrees: float = THREE_QUARTER_MAX_YAW):
+        if not 0 <= max_degrees < math.degrees(math.atan(0.5)):
+            raise ValueError(f"max_degrees must be in [0, {math.degrees(math.atan(0.5)):.1f})")
+        self.p, self.max_degrees = p, max_degrees
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        if rng.random() >= self.p or not sample.face:
+            return sample
+        sample = materialize(sample)
+        turn = math.radians(rng.uniform(-self.max_degrees, self.max_degrees))
+        source_x = _turned_head_map(sample.keypoints, turn)
+        h, w = sample.image.shape[:2]
+        ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+        image = cv2.remap(sample.image, source_x(xs, ys).astype(np.float32), ys, cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REPLICATE)
+        grid = np.linspace(-w, 2 * w, 12 * w, dtype=np.float64)  # the map is increasing in x': invert it per row
+        moved = np.array([np.interp(x, source_x(grid, np.full_like(grid, y)), grid) for x, y in sample.keypoints])
+        keypoints = np.stack([moved, sample.keypoints[:, 1]], 1).astype(np.float32)
+        return replace(sample, image=image, keypoints=keypoints)
+
+
+def _turned_head_map(keypoints: np.ndarray, turn: float):
+    """``(x', y) -> x``: where the face turned by ``turn`` radians takes each output column from."""
+    lo, hi = keypoints.min(0).astype(np.float64), keypoints.max(0).astype(np.float64)
+    width, height = hi - lo
+    cx = (lo[0] + hi[0]) / 2
+    cy = hi[1] - 0.75 * height  # the head runs from the chin to a forehead half a face above the brows
+    a, b = 0.575 * width, 0.8 * height
+    cos, sin = math.cos(turn), math.sin(turn)
+
+    def source_x(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        depth = a * np.clip(1 - ((x - cx) / a) ** 2 - ((y - cy) / b) ** 2, 0, None)
+        return cx + (x - cx) * cos - depth * sin
+
+    return source_x
 
 
 def _region_ellipse(points: np.ndarray, grow: float) -> tuple[tuple[float, float], tuple[float, float]]:

@@ -88,6 +88,9 @@ SELECTION_METRIC = "val_nme"
 POINT_SIGMA_INIT = 0.05
 NONFACE_ERROR = 1.0
 POINT_SIGMA_LR_SCALE = 10.0  # the error head's learning rate over the run's --lr (fkp_core.training.make_optimizer)
+# synthetic three-quarter views (augment.RandomThreeQuarterView): the largest turn, degrees; the head's depth
+# profile keeps the image map one-to-one below atan(0.5) = 26.6 degrees
+THREE_QUARTER_MAX_YAW = 20.0
 
 # Per-keypoint scores (fkp_core.confidence): a point's expected error in crop units of [-1, 1] (its heatmap's
 # spread, RMS distance of its softmax mass from the soft-argmax, or its learned error head's output) maps to 1 at

@@ -89,8 +89,7 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "hm": ModelConfig(head="heatmap", head_hidden=64, heatmap_stride=8),
     "hm-deep": ModelConfig(head="heatmap", head_hidden=64, heatmap_stride=8, depths=(2, 2, 3, 1)),
     "large": ModelConfig(input_size=128, widths=(32, 64, 128, 256), depths=(2, 2, 2, 1)),
-    # hm at 3/4 and 1/2 width: ~0.6x and ~0.3x its CPU time per face (the bundled 'fast' and 'fastest'
-    # models, distilled from hm)
+    # hm at 3/4 and 1/2 width (the bundled 'fast' and 'fastest' networks, distilled from the default)
     "hm-slim": ModelConfig(stem=24, widths=(24, 48, 96, 192), head="heatmap", head_hidden=48, heatmap_stride=8),
     "hm-thin": ModelConfig(stem=16, widths=(16, 32, 64, 128), head="heatmap", head_hidden=32, heatmap_stride=8),
     # ImageNet backbones (fkp_core.backbones) cut at stride 16, on upright 112-px crops; x in [0, 1] goes to

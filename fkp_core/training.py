@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fkp_core.augment import RandomFaceOccluder, RandomJpeg, RandomLowLight, RandomMotionBlur, RandomNonFace, UprightFaceCrop
+from fkp_core.augment import RandomFaceOccluder, RandomJpeg, RandomLowLight, RandomMotionBlur, RandomNonFace, RandomThreeQuarterView, UprightFaceCrop
 from fkp_core.constants import NONFACE_ERROR, POINT_SIGMA_LR_SCALE, SELECTION_METRIC
 from fkp_core.dataset import DatasetError, DataSource, Record, read_image, split_by_identity
 from fkp_core.metrics import nme
@@ -70,10 +71,12 @@ class TrainConfig:
     low_light: float = 0.0  # dim, noisy frame (RandomLowLight)
     motion_blur: float = 0.0  # directional blur (RandomMotionBlur)
     jpeg: float = 0.0  # JPEG round trip at quality 10-70 (RandomJpeg)
+    three_quarter: float = 0.0  # the face turned about its vertical axis (RandomThreeQuarterView)
     # learned keypoint scores: give the heatmap head an error head (ModelConfig.point_sigma) and fit it, and the
     # share of crops turned into non-faces (RandomNonFace) that teach it what a lost point looks like
     point_sigma: bool = False
     nonface: float = 0.0
+    upright: bool = False  # train on upright crops (eyes level) whatever the preset or --init model says
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def to_dict(self) -> dict:
@@ -216,6 +219,14 @@ def point_sigma_nll(log_sd: torch.Tensor, pred: torch.Tensor, target: torch.Tens
     return (log_sd + err * torch.exp(-log_sd)).mean()
 
 
+def teacher_view(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The student's crops at the teacher's input size: the same crop box (so the same [-1, 1] frame, whose
+    edges are the pixels' outer edges), resampled, so a teacher of another resolution can teach."""
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
 def batch_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, loss_fn, point_sigma: bool,
                teacher: nn.Module | None = None, distill_weight: float = 0.5) -> torch.Tensor:
     """A batch's training loss: positions on the crops that hold a face (labels, and the teacher's predictions
@@ -227,7 +238,7 @@ def batch_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, lo
     loss = loss_fn(pred[face], targets[face]) if any_face else pred.sum() * 0.0
     if teacher is not None and any_face:
         with torch.no_grad():
-            taught = teacher(images[face])[..., :2]
+            taught = teacher(teacher_view(images[face], teacher.config.input_size))[..., :2]
         loss = (1 - distill_weight) * loss + distill_weight * loss_fn(pred[face], taught)
     if point_sigma:
         loss = loss + point_sigma_nll(out[..., 2], pred, targets)
@@ -299,12 +310,12 @@ def validation_nme(model: nn.Module, loader: DataLoader, device: torch.device, n
 
 
 def _wild(cfg: TrainConfig, upright: bool) -> bool:
-    return upright or any((cfg.occluders, cfg.low_light, cfg.motion_blur, cfg.jpeg, cfg.nonface))
+    return upright or any((cfg.occluders, cfg.low_light, cfg.motion_blur, cfg.jpeg, cfg.nonface, cfg.three_quarter))
 
 
 def wild_transform(size: int, cfg: TrainConfig, margin: float = CROP_MARGIN, upright: bool = False, flip: float = 0.0) -> Compose:
     """Training crops for faces in the wild: :func:`~fkp_core.transforms.train_transform`'s steps plus
-    occluders over the eyes and mouth, low light, motion blur and JPEG artefacts, on upright crops
+    three-quarter views, occluders over the eyes and mouth, low light, motion blur and JPEG artefacts, on upright crops
     (roll jitter of ``cfg.augment.rotation`` degrees) when ``upright``; ``flip`` is this source's flip
     probability (mirror-symmetric labels only); ``cfg.nonface`` of the crops are moved off the face
     (:class:`~fkp_core.augment.RandomNonFace`, NaN labels). Occluders go on before the photometric steps, so that
@@ -317,6 +328,8 @@ def wild_transform(size: int, cfg: TrainConfig, margin: float = CROP_MARGIN, upr
     else:
         steps += [FaceCrop(size, margin, aug.box_jitter_scale, aug.box_jitter_shift), RandomRotation(aug.rotation, p=0.8)]
     steps += [RandomScale(*aug.scale), RandomTranslate(aug.translate), RandomHorizontalFlip(flip), Warp()]
+    if cfg.three_quarter > 0:
+        steps.append(RandomThreeQuarterView(p=cfg.three_quarter))
     if aug.occlusion > 0:
         steps.append(RandomOcclusion(p=aug.occlusion))
     if cfg.occluders > 0:
@@ -393,6 +406,8 @@ def initial_model(cfg: TrainConfig, log: logging.Logger | None = None) -> nn.Mod
 
     if cfg.init:
         model = load_model(cfg.init).model.train()
+        if cfg.upright:
+            model.config = replace(model.config, upright=True)
         if cfg.point_sigma and not model.config.point_sigma:
             fresh = build_model(model.config, point_sigma=True)
             missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
@@ -403,6 +418,8 @@ def initial_model(cfg: TrainConfig, log: logging.Logger | None = None) -> nn.Mod
     overrides = {"input_size": cfg.input_size} if cfg.input_size else {}
     if cfg.point_sigma:
         overrides["point_sigma"] = True
+    if cfg.upright:
+        overrides["upright"] = True
     preset = build_model(cfg.model, **overrides)
     if cfg.pretrained:
         unused = preset.load_pretrained()

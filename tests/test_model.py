@@ -162,7 +162,9 @@ def test_the_fast_models_cost_less_than_the_default():
     assert macs(fastest.model) < 0.5 * macs(fast.model) and macs(fast.model) < 0.6 * macs(hm.model)
     assert macs(fast.model) < 0.7 * macs(default.model)
     for small in (fast, fastest):
-        assert small.metadata["trained"]["distill"]["sha256"] == hm.metadata["sha256"]  # taught by the former default
+        assert small.metadata["trained"]["distill"]["sha256"] == default.metadata["sha256"]  # taught by the default
+        assert small.config.upright and small.config.point_sigma  # its view and its kind of keypoint scores
+        assert small.metadata["trained"]["init"]["sha256"] != hm.metadata["sha256"]  # from the earlier small model
 
 
 # ---- ImageNet backbones (fkp_core.backbones) ----
@@ -259,9 +261,11 @@ def test_backbone_model_round_trip_onnx_and_first_conv(tmp_path, point_sigma):
 
 
 def test_old_bundled_models_keep_their_architecture():
-    for name in ("hm", "fast", "fastest"):  # trained before the ImageNet backbones: scores from their heatmaps' spread
+    cfg = load_model("hm").config  # trained before the ImageNet backbones: scores from its heatmaps' spread
+    assert cfg.backbone == "resnet" and not cfg.upright and not cfg.point_sigma
+    for name in ("fast", "fastest"):  # hm's network, narrower, re-distilled from the default with its error head
         cfg = load_model(name).config
-        assert cfg.backbone == "resnet" and not cfg.upright and not cfg.point_sigma
+        assert cfg.backbone == "resnet" and cfg.upright and cfg.point_sigma
     cfg = load_model("default").config
     assert cfg.backbone == "mobilenet_v2" and cfg.upright and cfg.point_sigma
 

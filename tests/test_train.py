@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -67,16 +68,19 @@ def test_fine_tuning_starts_from_the_given_model(ray_session, course, tmp_path):
     torch.manual_seed(123)
     parent_path = save_model(build_model("tiny").eval(), tmp_path / "parent" / "p", {"trained": {"command": "parent cmd"}})
     parent = load_model(parent_path)
-    # a learning rate so small that training cannot move the weights: what comes out is what went in
-    # (the parent also teaches: distillation is wired through Ray Train and recorded)
+    # a teacher of another input size (it sees the crops resampled), recorded in the metadata
+    teacher_path = save_model(build_model("tiny", input_size=80).eval(), tmp_path / "teacher" / "t")
+    # a learning rate so small that training cannot move the weights: what comes out is what went in,
+    # from now on trained (and described) as an upright model
     code = _main(train, ["--data", f"course:{course}", "--epochs", "1", "--lr", "1e-12", "--init", parent_path,
-                         "--distill", parent_path, "--distill-weight", "0.7",
+                         "--distill", teacher_path, "--distill-weight", "0.7", "--upright",
                          "--output", tmp_path / "ft", "--name", "ft", *[a for a in TINY if a not in ("--model", "tiny")]])
     assert code == 0
     child = load_model(tmp_path / "ft" / "ft.pt")
-    assert child.config == parent.config
+    assert not parent.config.upright and child.config == replace(parent.config, upright=True)
+    assert "upright" in child.metadata["normalization"]["face_box"]
     assert child.metadata["trained"]["init"]["sha256"] == parent.metadata["sha256"]
-    assert child.metadata["trained"]["distill"]["sha256"] == parent.metadata["sha256"]
+    assert child.metadata["trained"]["distill"]["sha256"] == load_model(teacher_path).metadata["sha256"]
     assert child.metadata["trained"]["train_config"]["distill_weight"] == 0.7
     assert child.metadata["trained"]["init"]["trained"]["command"] == "parent cmd"
     convs = [k for k, v in parent.model.state_dict().items() if k.endswith("weight") and v.ndim == 4]
@@ -185,7 +189,6 @@ def test_download_rejects_bad_archives(tmp_path):
         (["--data", "{course}", "--init", "{tmp}/none.pt"], "model file not found"),
         (["--data", "{course}", "--init", "bundled", "--model", "tiny"], "leave out --model"),
         (["--data", "{course}", "--distill", "{tmp}/none.pt"], "model file not found"),
-        (["--data", "{course}", "--distill", "bundled", "--model", "tiny"], "must see the same crops"),
         (["--data", "{course}", "--distill", "bundled", "--distill-weight", "0"], "--distill-weight"),
     ],
 )
@@ -195,6 +198,16 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, capsys, course, argv, messa
     assert _main(train, argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_teacher_cropping_with_another_margin_is_a_usage_error(tmp_path, capsys, course):
+    from fkp_core.model import build_model
+    from fkp_core.weights import save_model
+
+    teacher = save_model(build_model("tiny", crop_margin=0.3).eval(), tmp_path / "t" / "t")
+    assert _main(train, ["--data", course, "--distill", teacher, "--model", "tiny", "--output", tmp_path / "o"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "must see the same crops" in err and len(err.splitlines()) == 1, err
 
 
 def test_missing_default_data_dir_says_how_to_get_it(tmp_path, capsys, monkeypatch):

@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+import cv2
+import numpy as np
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fkp_core.model import build_model
-from fkp_core.training import TrainConfig, make_optimizer, train_epoch
+from fkp_core.training import TrainConfig, make_optimizer, teacher_view, train_epoch
 
 
 def _gap(a: torch.nn.Module, b: torch.nn.Module, images: torch.Tensor) -> float:
     a.eval(), b.eval()
     with torch.no_grad():
-        return float((a(images) - b(images)).abs().mean())
+        return float((a(images) - b(teacher_view(images, b.config.input_size))).abs().mean())
 
 
-def _train(distill_weight: float | None) -> tuple[float, float, float]:
+def _train(distill_weight: float | None, teacher_size: int = 64) -> tuple[float, float, float]:
     """(student-teacher gap before, after; student-labels gap after) for a few epochs on fixed data."""
     torch.manual_seed(0)
     images = torch.rand(32, 1, 64, 64)
     labels = torch.zeros(32, 68, 2)  # every point at the crop centre: far from what the teacher says
-    teacher = build_model("tiny").eval()
+    teacher = build_model("tiny", input_size=teacher_size).eval()
     with torch.no_grad():  # a teacher with a clear, non-trivial answer: spread its output layer
         teacher.head[-1].bias.copy_(torch.linspace(-0.8, 0.8, 136))
     student = build_model("tiny")
@@ -48,16 +51,37 @@ def test_distillation_fits_the_teacher_and_labels_alone_do_not():
     assert after < half_after < plain_after  # the weight moves the network between the two
 
 
+def test_a_teacher_of_another_input_size_teaches_through_resampled_crops():
+    before, after, _ = _train(distill_weight=1.0, teacher_size=96)
+    assert after < 0.3 * before, (before, after)
+
+
+@pytest.mark.parametrize("size", [48, 112])
+def test_teacher_view_keeps_the_crop_frame(size):
+    """A point drawn at crop coordinates p is still at p after resampling to the teacher's size: [-1, 1]
+    spans the pixels' outer edges at every size, so the teacher's answers are the student's coordinates."""
+    from fkp_core.transforms import denormalize_keypoints, normalize_keypoints
+
+    img = np.zeros((80, 80), np.float32)
+    px = np.array([[20.0, 50.0]], np.float32)
+    cv2.circle(img, (int(px[0, 0] * 16), int(px[0, 1] * 16)), 5 * 16, 1.0, -1, shift=4)
+    p = normalize_keypoints(px, 80)
+    out = teacher_view(torch.from_numpy(img)[None, None], size)[0, 0].numpy()
+    assert out.shape == (size, size)
+    ys, xs = np.mgrid[:size, :size]
+    centroid = np.array([[(xs * out).sum(), (ys * out).sum()]]) / out.sum()
+    np.testing.assert_allclose(normalize_keypoints(centroid, size), p, atol=0.01)
+    np.testing.assert_allclose(denormalize_keypoints(p, size), centroid, atol=0.01 * size / 2)
+
+
 # ---- flips per source, upright crops, the wild augmentations ----
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 
 from conftest import dot_image, grid_keypoints  # noqa: E402
 from fkp_core.constants import FLIP_PERMUTATION  # noqa: E402
 from fkp_core.dataset import Record  # noqa: E402
 from fkp_core.training import make_datasets, wild_transform  # noqa: E402
-from fkp_core.transforms import AugmentConfig, Sample, eye_angle  # noqa: E402
+from fkp_core.transforms import AugmentConfig, Sample, eye_angle, to_tensors  # noqa: E402
 
 _LEVELS = 60 + 2.5 * np.arange(68)
 _STILL = AugmentConfig(rotation=0.0, scale=(1.0, 1.0), translate=0.0, flip=1.0, box_jitter_scale=0.0, box_jitter_shift=0.0,
@@ -131,6 +155,26 @@ def test_wild_augmentations_keep_the_labels_and_change_the_pixels(tmp_path):
         np.testing.assert_allclose(a.keypoints, b.keypoints, atol=1e-4)  # photometric and occluders: no geometry
         assert a.image.dtype == np.float32 and a.image.shape == (224, 224) and 0 <= a.image.min() and a.image.max() <= 1
         assert np.abs(a.image - b.image).mean() > 0.01
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_three_quarter_views_turn_the_face_and_keep_each_label_on_its_point(tmp_path, seed):
+    records = _records(tmp_path)
+    still = AugmentConfig(**{**_STILL.__dict__, "flip": 0.0})
+    turned = wild_transform(224, TrainConfig(three_quarter=1.0, augment=still), 0.2, upright=True)
+    plain = wild_transform(224, TrainConfig(augment=still), 0.2, upright=True)
+    image = cv2.imread(str(records[0].image_path), cv2.IMREAD_GRAYSCALE)
+    a = turned(Sample(image, records[0].keypoints.copy()), np.random.default_rng(seed))
+    b = plain(Sample(image, records[0].keypoints.copy()), np.random.default_rng(seed))
+    img, kp = to_tensors(a)
+    assert (_labels_under_keypoints(img, kp) == np.arange(68)).all()  # every disc moved with its label
+    shift = a.keypoints - b.keypoints
+    assert np.abs(shift[:, 1]).max() < 1e-3 and np.abs(shift[:, 0]).max() > 3  # a turn about the vertical axis
+    rows = a.keypoints[:63, 0].reshape(7, 9)
+    assert (np.diff(rows, axis=1) > 0).all()  # one-to-one: each row keeps its order
+    # the middle of the face moves more than its sides (depth), unlike a shear or a shift
+    middle, sides = np.abs(shift[[4, 13, 22, 31, 40], 0]), np.abs(shift[[0, 8, 36, 44], 0])
+    assert middle.mean() > sides.mean() + 1
 
 
 def test_nonface_crops_lose_their_labels_and_leave_the_face():
