@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fkp_core.confidence import face_confidence
+from fkp_core.confidence import DEFAULT_FACE_WEIGHTS, FaceConfidenceWeights, face_confidence
 from fkp_core.constants import MIN_FACE_CONFIDENCE, NUM_KEYPOINTS, REDETECT_CONFIDENCE
 from fkp_core.detector import FaceDetector, iou
 from fkp_core.landmarks import refined_keypoints
@@ -92,7 +92,8 @@ class _Frame:
 class SegmentAnnotator:
     """Annotates one segment's frames in order; keeps the segment's track state."""
 
-    def __init__(self, predict_crops: PredictFn, input_size: int, margin: float, detector: FaceDetector, config: AnnotateConfig):
+    def __init__(self, predict_crops: PredictFn, input_size: int, margin: float, detector: FaceDetector, config: AnnotateConfig,
+                 face_weights: FaceConfidenceWeights = DEFAULT_FACE_WEIGHTS):
         if config.detect_every < 1:
             raise ValueError("detect_every must be >= 1")
         self.predict_crops = predict_crops
@@ -100,6 +101,7 @@ class SegmentAnnotator:
         self.margin = margin
         self.detector = detector
         self.config = config
+        self.face_weights = face_weights  # the model's (its keypoint scores' scale)
         self.tracker = Tracker(config.tracker)
         self.stats = SegmentStats()
         self._parts: list[FaceColumns] = []
@@ -187,7 +189,7 @@ class SegmentAnnotator:
         """Keypoints after ``refine`` re-crops, the face confidence of each (detector score, point scores
         and consistency of the last pass with its crop), and the point scores."""
         kps, scores, crop_boxes = self._predict(grays, boxes, angles, self.config.refine)
-        conf = [face_confidence(d, sc, self._consistency(b, k)) for b, k, sc, d in zip(crop_boxes, kps, scores, det_scores)]
+        conf = [face_confidence(d, sc, self._consistency(b, k), self.face_weights) for b, k, sc, d in zip(crop_boxes, kps, scores, det_scores)]
         return kps, conf, scores
 
     def _frame(self, kps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -266,7 +268,7 @@ class SegmentAnnotator:
             else:
                 t_kps, t_scores = prev, np.zeros((0, NUM_KEYPOINTS), np.float32)
             t_fit = self._consistency(t_boxes, t_kps)
-            t_conf = face_confidence(prev_det, t_scores, t_fit)
+            t_conf = face_confidence(prev_det, t_scores, t_fit, self.face_weights)
             keep = _dedupe(t_kps, t_conf)
             t_kps, t_boxes, t_conf, t_misses, t_ids = t_kps[keep], t_boxes[keep], t_conf[keep], misses[keep], prev_ids[keep]
             t_scores, t_fit, t_det = t_scores[keep], t_fit[keep], prev_det[keep]
@@ -286,7 +288,7 @@ class SegmentAnnotator:
                 # a tracked face the detector missed stays while its fit holds, but only for a few
                 # detection frames: the fit cannot tell a face from a patch that merely looks stable
                 t_misses = np.where(matched, 0, t_misses + 1)
-                t_conf = face_confidence(t_det, t_scores, t_fit)
+                t_conf = face_confidence(t_det, t_scores, t_fit, self.face_weights)
                 stay = ok & (t_misses <= max_misses)
                 d_kps, d_conf, d_kscores = self._predict_refined([frame.gray], [boxes[new]], [angles[new]], [d_scores[new]])
                 out_kps = np.concatenate([t_kps[stay], d_kps[0]]).astype(np.float32)

@@ -16,7 +16,8 @@ from depends on the model (:class:`~fkp_core.model.HeatmapHead`):
 
 Per face (:func:`face_confidence`): a logistic combination of the detector's score and the mean
 keypoint score (the fit), fitted on training images (detections matched to an annotated face
-against the rest: ``python -m jobs.evaluate --fit-confidence``), times the fit's consistency
+against the rest: ``python -m jobs.evaluate --fit-confidence``) for each model, whose scores have their
+own scale (:class:`FaceConfidenceWeights`, in the model's JSON), times the fit's consistency
 with its crop (:func:`~fkp_core.tracking.keypoint_consistency`). On tracked frames, where the
 detector did not run, the track carries its last detection's score, so a face is only as
 trusted as the detection that started it, while the fresh fit and consistency pull the score
@@ -26,6 +27,8 @@ down as soon as the crop slides off the face.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +43,31 @@ from fkp_core.constants import (
     KEYPOINT_SPREAD_FLAT,
     KEYPOINT_SPREAD_SHARP,
 )
+
+
+@dataclass(frozen=True)
+class FaceConfidenceWeights:
+    """The face confidence's logistic weights for one model: with a detector score (``bias``, ``detector``,
+    ``fit``) and for detectors without one (``fit_only_bias``, ``fit_only``). The mean keypoint score is on
+    each model's own scale, so a model's JSON carries the weights fitted with it (``"face_confidence"``); the
+    defaults are those fitted with the bundled default model."""
+
+    bias: float = FACE_CONF_BIAS
+    detector: float = FACE_CONF_DETECTOR
+    fit: float = FACE_CONF_FIT
+    fit_only_bias: float = FACE_CONF_FIT_ONLY_BIAS
+    fit_only: float = FACE_CONF_FIT_ONLY
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any]) -> FaceConfidenceWeights:
+        """The weights in a model's JSON metadata, or the defaults where it has none."""
+        fitted = metadata.get("face_confidence")
+        if not isinstance(fitted, dict):
+            return cls()
+        return cls(**{k: float(fitted[k]) for k in cls.__dataclass_fields__ if k in fitted})
+
+
+DEFAULT_FACE_WEIGHTS = FaceConfidenceWeights()
 
 
 def heatmap_keypoint_scores(variance, sharp: float = KEYPOINT_SPREAD_SHARP, flat: float = KEYPOINT_SPREAD_FLAT):
@@ -75,21 +103,21 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 
 def face_logit(detector_scores: np.ndarray, keypoint_scores: np.ndarray,
-               weights: tuple[float, float, float] = (FACE_CONF_BIAS, FACE_CONF_DETECTOR, FACE_CONF_FIT)) -> np.ndarray:
+               weights: FaceConfidenceWeights = DEFAULT_FACE_WEIGHTS) -> np.ndarray:
     """The logistic model's log-odds that each face is a real face, before the consistency factor.
 
     A NaN detector score (a detector without meaningful scores, such as the Haar cascades, whose
     scores are all 1) uses the model fitted on the mean keypoint score alone.
     """
-    bias, w_det, w_fit = weights
+    w = weights
     det = np.asarray(detector_scores, np.float64).reshape(-1)
     fit = fit_score(keypoint_scores)
-    with_det = bias + w_det * _logit(np.nan_to_num(det, nan=0.5)) + w_fit * fit
-    return np.where(np.isnan(det), FACE_CONF_FIT_ONLY_BIAS + FACE_CONF_FIT_ONLY * fit, with_det)
+    with_det = w.bias + w.detector * _logit(np.nan_to_num(det, nan=0.5)) + w.fit * fit
+    return np.where(np.isnan(det), w.fit_only_bias + w.fit_only * fit, with_det)
 
 
 def face_confidence(detector_scores: np.ndarray, keypoint_scores: np.ndarray, consistency: np.ndarray | None = None,
-                    weights: tuple[float, float, float] = (FACE_CONF_BIAS, FACE_CONF_DETECTOR, FACE_CONF_FIT)) -> np.ndarray:
+                    weights: FaceConfidenceWeights = DEFAULT_FACE_WEIGHTS) -> np.ndarray:
     """(N,) face confidence in 0..1 from the detector's score (the track's last one on tracked frames; NaN:
     the detector has none), (N, 68) keypoint scores and the (N,) consistency of the fit (None: 1)."""
     z = face_logit(detector_scores, keypoint_scores, weights)

@@ -104,7 +104,8 @@ KEYPOINT_SPREAD_FLAT = 0.572
 # Face confidence (fkp_core.confidence.face_confidence): sigmoid(BIAS + DETECTOR * logit(detector score)
 # + FIT * mean keypoint score) x consistency, the weights fitted by logistic regression on training images
 # (course training + HELEN: `python -m jobs.evaluate --fit-confidence`), never on AFW, with the default model's
-# keypoint scores (other models use them as they are)
+# keypoint scores. A model's JSON carries the weights fitted with its own scores under "face_confidence"
+# (confidence.FaceConfidenceWeights; the bundled hm, fast and fastest do); these are for models without them
 FACE_CONF_BIAS = -19.23
 FACE_CONF_DETECTOR = 8.17
 FACE_CONF_FIT = 6.42

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fkp_core.confidence import DEFAULT_FACE_WEIGHTS
 from fkp_core.constants import NUM_KEYPOINTS
 from fkp_core.detector import DetectorSpec, FaceDetector, make_detector
 from fkp_core.transforms import crop_face, face_frame, to_gray, uncrop_keypoints
@@ -122,10 +123,12 @@ class Landmarker:
         from fkp_core.weights import LoadedModel, load_model
 
         self.device = resolve_device(device)
+        if model is None or isinstance(model, (str, os.PathLike, Path)):
+            model = load_model(model)
+        # the face confidence's weights fitted with this model (a bare network: those of the default)
+        self.face_weights = model.face_weights if isinstance(model, LoadedModel) else DEFAULT_FACE_WEIGHTS
         if isinstance(model, LoadedModel):
             model = model.model
-        elif model is None or isinstance(model, (str, os.PathLike, Path)):
-            model = load_model(model).model
         self.model = model.eval()
         self.size = self.model.config.input_size
         self.margin = self.model.config.crop_margin

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fkp_core.confidence import DEFAULT_FACE_WEIGHTS, FaceConfidenceWeights
 from fkp_core.constants import NUM_KEYPOINTS
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ class ExportedNetwork:
     size: int
     margin: float
     scores: bool  # the graph's output carries each point's score
+    face_weights: FaceConfidenceWeights = DEFAULT_FACE_WEIGHTS  # fitted with this model (its JSON)
 
 
 def export_network(model: str) -> ExportedNetwork | None:
@@ -69,7 +71,8 @@ def export_network(model: str) -> ExportedNetwork | None:
     from fkp_core.inference import onnx_bytes
     from fkp_core.weights import load_model
 
-    net = load_model(model).model.eval()
+    loaded = load_model(model)
+    net = loaded.model.eval()
     try:
         import onnxruntime  # noqa: F401 - the bytes are of no use without it
 
@@ -77,7 +80,7 @@ def export_network(model: str) -> ExportedNetwork | None:
     except Exception as exc:  # noqa: BLE001 - any failure here only costs start-up time
         logging.getLogger(__name__).warning("ONNX export unavailable (%s: %s)", type(exc).__name__, exc)
         return None
-    return ExportedNetwork(data, net.config.input_size, net.config.crop_margin, net.has_scores)
+    return ExportedNetwork(data, net.config.input_size, net.config.crop_margin, net.has_scores, loaded.face_weights)
 
 
 def onnx_network(exported: ExportedNetwork) -> Network:
@@ -85,4 +88,4 @@ def onnx_network(exported: ExportedNetwork) -> Network:
     from fkp_core.segments import Network
 
     session = OnnxSession(exported.onnx, threads=1, scores=exported.scores)
-    return Network(session, exported.size, exported.margin)
+    return Network(session, exported.size, exported.margin, exported.face_weights)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fkp_core.confidence import DEFAULT_FACE_WEIGHTS, FaceConfidenceWeights
 from fkp_core.records import STAGES, Segment, SegmentResult, VideoPlan, VideoProbe, VideoRecord
 
 if TYPE_CHECKING:  # imported where used: the job imports this module before any usage check (no torch, cv2, Arrow)
@@ -142,6 +143,7 @@ class Network:
     predict: PredictFn
     size: int
     margin: float
+    face_weights: FaceConfidenceWeights = DEFAULT_FACE_WEIGHTS  # fitted with this model (its JSON)
 
 
 def load_network(model: str, device: str = "cpu") -> Network:
@@ -160,7 +162,7 @@ def load_network(model: str, device: str = "cpu") -> Network:
 
     torch.set_num_threads(1)
     lm = Landmarker(model, detector=_NoDetector(), device=device)
-    return Network(lm.predict_crops, lm.size, lm.margin)
+    return Network(lm.predict_crops, lm.size, lm.margin, lm.face_weights)
 
 
 def remote_network(predict: PredictFn, model: str) -> Network:
@@ -168,8 +170,9 @@ def remote_network(predict: PredictFn, model: str) -> Network:
     from fkp_core.model import ModelConfig
     from fkp_core.weights import read_metadata
 
-    cfg = ModelConfig.from_dict(read_metadata(model)["config"])
-    return Network(predict, cfg.input_size, cfg.crop_margin)
+    meta = read_metadata(model)
+    cfg = ModelConfig.from_dict(meta["config"])
+    return Network(predict, cfg.input_size, cfg.crop_margin, FaceConfidenceWeights.from_metadata(meta))
 
 
 def _sampled_frames(path: str, segment: Segment, settings: AnnotateSettings, decode, sequential: bool,
@@ -210,7 +213,8 @@ def annotate_segment(network: Network, path: str, segment: Segment, frame_size: 
     from fkp_core.video import DecodeStats, VideoError
 
     cv2.setNumThreads(1)
-    annotator = SegmentAnnotator(network.predict, network.size, network.margin, make_detector(settings.detector), settings.annotate)
+    annotator = SegmentAnnotator(network.predict, network.size, network.margin, make_detector(settings.detector), settings.annotate,
+                                 network.face_weights)
     t0, cpu0 = time.perf_counter(), time.process_time()
     decode, taken = DecodeStats(), [0]
 

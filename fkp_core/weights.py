@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fkp_core.confidence import FaceConfidenceWeights
 from fkp_core.model import KeypointNet, ModelConfig
 
 FORMAT = "fkp-keypoints/1"
@@ -40,6 +41,11 @@ class LoadedModel:
     config: ModelConfig
     metadata: dict[str, Any]
     path: Path
+
+    @property
+    def face_weights(self) -> FaceConfidenceWeights:
+        """The face confidence's weights fitted with this model (its keypoint scores' scale)."""
+        return FaceConfidenceWeights.from_metadata(self.metadata)
 
 
 def _paths(path: str | os.PathLike) -> tuple[Path, Path]:

@@ -161,12 +161,12 @@ def calibration_table(data: dict) -> list[dict]:
     return table
 
 
-def summarize(data: dict) -> dict:
-    """ROC AUC of the confidence and of its parts, the ROC points, the calibration table."""
+def summarize(data: dict, weights) -> dict:
+    """ROC AUC of the confidence (with the model's ``weights``) and of its parts, the ROC points, the calibration table."""
     from fkp_core.confidence import face_confidence, fit_score
 
     y = data["matched"].astype(bool)
-    conf = face_confidence(data["det"], data["kscores"], data["consistency"])
+    conf = face_confidence(data["det"], data["kscores"], data["consistency"], weights)
     out = {"detections": int(len(y)), "matched": int(y.sum()), "unmatched": int((~y).sum())}
     for name, s in (("confidence", conf), ("detector_score", data["det"]), ("mean_keypoint_score", fit_score(data["kscores"])),
                     ("consistency", data["consistency"])):
@@ -218,7 +218,7 @@ def fit_all(landmarker, all_data: list[dict], spread_data: tuple[list, list]) ->
             "detections": int(len(y)), "matched": int(y.sum()), "keypoint_spread_sharp": sharp, "keypoint_spread_flat": flat}
 
 
-def write_report(out_dir: str, report: dict, curves: dict, per_source: dict) -> None:
+def write_report(out_dir: str, report: dict, curves: dict, per_source: dict, weights) -> None:
     """report.json, roc.png and each source's sheet of unmatched detections."""
     from fkp_core.confidence import face_confidence
     from fkp_core.viz import write_png
@@ -230,7 +230,7 @@ def write_report(out_dir: str, report: dict, curves: dict, per_source: dict) -> 
     for label, data in per_source.items():
         if data["tiles"]:
             unmatched = ~data["matched"].astype(bool)
-            conf = face_confidence(data["det"][unmatched], data["kscores"][unmatched], data["consistency"][unmatched])
+            conf = face_confidence(data["det"][unmatched], data["kscores"][unmatched], data["consistency"][unmatched], weights)
             write_png(out / f"{label}_unmatched.png", tile_sheet(data["tiles"], conf))
     print(f"confidence report: {out / 'report.json'}")
 
@@ -253,7 +253,7 @@ def run_report(landmarker, sources: list, spec, args, out_dir: str | None) -> di
         report["fitted"] = fit_all(landmarker, all_data, spread_data)
     curves = {}
     for label, data in per_source.items():
-        rep = summarize(data)
+        rep = summarize(data, landmarker.face_weights)
         report["sources"][label] = rep
         curves[f"{label} AUC {rep['auc_confidence']:.3f}" if rep["auc_confidence"] is not None else label] = (rep["roc"]["fpr"], rep["roc"]["tpr"])
         print(f"{label:>10}: {rep['detections']} detections ({rep['matched']} matched) | ROC AUC "
@@ -261,5 +261,5 @@ def run_report(landmarker, sources: list, spec, args, out_dir: str | None) -> di
         for row in rep["calibration"]:
             print(f"{'':>12}score {row['bin']}: {row['points']} points, error {row['point_error']}, {row['faces']} faces, NME {row['face_nme']}")
     if out_dir:
-        write_report(out_dir, report, curves, per_source)
+        write_report(out_dir, report, curves, per_source, landmarker.face_weights)
     return report

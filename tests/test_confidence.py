@@ -180,3 +180,53 @@ def test_threshold_drops_a_false_face(landmarker, faces, score, scored, k):
     assert (kept.boxes[:, 0] < gray.shape[1] / 2).all()  # the real face, on the left
     assert (kept.confidence >= MIN_FACE_CONFIDENCE).all()
     assert kept.keypoint_scores.shape == (len(frames), 68) and np.isfinite(kept.keypoint_scores).all()
+
+
+# ---- per-model face-confidence weights ----
+
+
+def test_each_bundled_model_carries_the_weights_fitted_with_its_scores():
+    """The mean keypoint score is on each model's own scale: hm, fast and fastest carry their own weights, the
+    default the package's constants (fitted with it)."""
+    import json
+
+    from fkp_core.confidence import DEFAULT_FACE_WEIGHTS, FaceConfidenceWeights
+    from fkp_core.weights import load_model, resolve_model_path
+
+    assert load_model("default").face_weights == DEFAULT_FACE_WEIGHTS
+    seen = set()
+    for name in ("hm", "fast", "fastest"):
+        fitted = json.loads(resolve_model_path(name).with_suffix(".json").read_text())["face_confidence"]
+        weights = load_model(name).face_weights
+        assert weights == FaceConfidenceWeights(**{k: fitted[k] for k in ("bias", "detector", "fit", "fit_only_bias", "fit_only")})
+        assert weights != DEFAULT_FACE_WEIGHTS and "--fit-confidence" in fitted["measured"]
+        seen.add(weights)
+    assert len(seen) == 3
+    assert Landmarker("fast").face_weights == load_model("fast").face_weights
+
+
+def test_the_job_scores_faces_with_the_models_own_weights(tmp_path):
+    """A model whose weights call nothing a face writes no rows, through both ways a job runs the network
+    (the model loaded in the process, and the ONNX graph exported once for the annotators)."""
+    import json
+    import shutil
+
+    from fkp_core.onnx_network import export_network, onnx_network
+    from fkp_core.segments import AnnotateSettings, annotate_video
+    from fkp_core.weights import resolve_model_path
+
+    src = resolve_model_path("fast")
+    for suffix in (".pt", ".json"):
+        shutil.copyfile(src.with_suffix(suffix), tmp_path / f"m{suffix}")
+    meta = json.loads((tmp_path / "m.json").read_text())
+    meta["face_confidence"] = {**meta["face_confidence"], "bias": -60.0, "fit_only_bias": -60.0}
+    (tmp_path / "never.json").write_text(json.dumps(meta))
+    shutil.copyfile(tmp_path / "m.pt", tmp_path / "never.pt")
+    for name, rows in (("m", True), ("never", False)):
+        settings = AnnotateSettings.for_model(str(tmp_path / f"{name}.pt"), segment_frames=60)
+        table, record = annotate_video(str(SAMPLE), settings=settings)
+        assert record.status == "ok" and (table.num_rows > 0) == rows, (name, table.num_rows)
+        exported = export_network(str(tmp_path / f"{name}.pt"))
+        if exported is not None:
+            assert onnx_network(exported).face_weights == exported.face_weights
+            assert (exported.face_weights.bias == -60.0) == (not rows)
