@@ -264,14 +264,14 @@ def test_two_epochs_from_imagenet_weights_with_the_wild_recipe(ray_session, cour
     code = _main(train, ["--data", f"course:{course}", "--data", f"ibug:{helen}", "--epochs", "2", "--model", "mnv2",
                          "--input-size", "64", "--pretrained", "--freeze-stride", "4", "--rotation", "8", "--flip", "0.5",
                          "--occluders", "0.3", "--low-light", "0.2", "--motion-blur", "0.1", "--jpeg", "0.3",
-                         "--point-sigma", "--nonface", "0.2", "--output", out, "--name", "p", *tiny])
+                         "--point-sigma", "--nonface", "0.2", "--three-quarter", "0.3", "--output", out, "--name", "p", *tiny])
     assert code == 0
     loaded = load_model(out / "p.pt")
     assert loaded.config.backbone == "mobilenet_v2" and loaded.config.upright and loaded.config.input_size == 64
     assert loaded.config.point_sigma
     tc = loaded.metadata["trained"]["train_config"]
     assert tc["pretrained"] and tc["freeze_stride"] == 4 and tc["occluders"] == 0.3 and tc["augment"]["flip"] == 0.5
-    assert tc["point_sigma"] and tc["nonface"] == 0.2
+    assert tc["point_sigma"] and tc["nonface"] == 0.2 and tc["three_quarter"] == 0.3
     # the error head was fitted (it starts as a constant: zero weights)
     assert loaded.model.head.sigma.weight.abs().sum() > 0
     assert loaded.metadata["trained"]["epochs_run"] == 2
