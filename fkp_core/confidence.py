@@ -109,11 +109,10 @@ def face_logit(detector_scores: np.ndarray, keypoint_scores: np.ndarray,
     A NaN detector score (a detector without meaningful scores, such as the Haar cascades, whose
     scores are all 1) uses the model fitted on the mean keypoint score alone.
     """
-    w = weights
     det = np.asarray(detector_scores, np.float64).reshape(-1)
     fit = fit_score(keypoint_scores)
-    with_det = w.bias + w.detector * _logit(np.nan_to_num(det, nan=0.5)) + w.fit * fit
-    return np.where(np.isnan(det), w.fit_only_bias + w.fit_only * fit, with_det)
+    with_det = weights.bias + weights.detector * _logit(np.nan_to_num(det, nan=0.5)) + weights.fit * fit
+    return np.where(np.isnan(det), weights.fit_only_bias + weights.fit_only * fit, with_det)
 
 
 def face_confidence(detector_scores: np.ndarray, keypoint_scores: np.ndarray, consistency: np.ndarray | None = None,

@@ -126,9 +126,9 @@ class Landmarker:
         if model is None or isinstance(model, (str, os.PathLike, Path)):
             model = load_model(model)
         # the face confidence's weights fitted with this model (a bare network: those of the default)
-        self.face_weights = model.face_weights if isinstance(model, LoadedModel) else DEFAULT_FACE_WEIGHTS
+        self.face_weights = DEFAULT_FACE_WEIGHTS
         if isinstance(model, LoadedModel):
-            model = model.model
+            self.face_weights, model = model.face_weights, model.model
         self.model = model.eval()
         self.size = self.model.config.input_size
         self.margin = self.model.config.crop_margin

@@ -18,8 +18,12 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fkp_core.confidence import FaceConfidenceWeights
 
 MATCH_IOU = 0.3  # as jobs.evaluate's end-to-end protocol
 SCORE_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0001)
@@ -161,7 +165,7 @@ def calibration_table(data: dict) -> list[dict]:
     return table
 
 
-def summarize(data: dict, weights) -> dict:
+def summarize(data: dict, weights: FaceConfidenceWeights) -> dict:
     """ROC AUC of the confidence (with the model's ``weights``) and of its parts, the ROC points, the calibration table."""
     from fkp_core.confidence import face_confidence, fit_score
 
@@ -218,7 +222,7 @@ def fit_all(landmarker, all_data: list[dict], spread_data: tuple[list, list]) ->
             "detections": int(len(y)), "matched": int(y.sum()), "keypoint_spread_sharp": sharp, "keypoint_spread_flat": flat}
 
 
-def write_report(out_dir: str, report: dict, curves: dict, per_source: dict, weights) -> None:
+def write_report(out_dir: str, report: dict, curves: dict, per_source: dict, weights: FaceConfidenceWeights) -> None:
     """report.json, roc.png and each source's sheet of unmatched detections."""
     from fkp_core.confidence import face_confidence
     from fkp_core.viz import write_png
