@@ -53,6 +53,8 @@ class AnnotateConfig:
 
     detect_every: int = 1
     refine: int = 1  # extra CNN passes re-cropped around the prediction, on detection frames
+    # each face's last crop also predicted on its mirror image, averaged (fkp_core.mirror), where the model has an offset
+    mirror: bool = True
     chunk_frames: int = 1  # > 1 with detect_every 1: batch the CNN over this many frames (model actors)
     min_confidence: float = REDETECT_CONFIDENCE  # fast path: below this face confidence a tracked face is re-detected at once
     # faces below this confidence (fkp_core.confidence.face_confidence) are dropped, never written nor tracked; 0 keeps all
@@ -93,7 +95,7 @@ class SegmentAnnotator:
     """Annotates one segment's frames in order; keeps the segment's track state."""
 
     def __init__(self, predict_crops: PredictFn, input_size: int, margin: float, detector: FaceDetector, config: AnnotateConfig,
-                 face_weights: FaceConfidenceWeights = DEFAULT_FACE_WEIGHTS):
+                 face_weights: FaceConfidenceWeights = DEFAULT_FACE_WEIGHTS, mirror_offset: float | None = None):
         if config.detect_every < 1:
             raise ValueError("detect_every must be >= 1")
         self.predict_crops = predict_crops
@@ -102,6 +104,7 @@ class SegmentAnnotator:
         self.detector = detector
         self.config = config
         self.face_weights = face_weights  # the model's (its keypoint scores' scale)
+        self.mirror_offset = mirror_offset if config.mirror else None  # the model's (fkp_core.mirror)
         self.tracker = Tracker(config.tracker)
         self.stats = SegmentStats()
         self._parts: list[FaceColumns] = []
@@ -178,7 +181,8 @@ class SegmentAnnotator:
             return out
 
         t0 = time.perf_counter()
-        result = refined_keypoints(timed, grays, boxes, self.size, self.margin, angles, refine, self.config.upright)
+        result = refined_keypoints(timed, grays, boxes, self.size, self.margin, angles, refine, self.config.upright,
+                                   self.mirror_offset)
         self.stats.seconds["cnn"] += cnn
         self.stats.seconds["other"] += time.perf_counter() - t0 - cnn
         return result

@@ -56,6 +56,13 @@ def _flip_permutation() -> tuple[int, ...]:
 
 FLIP_PERMUTATION: tuple[int, ...] = _flip_permutation()
 
+# How far right of what they mark (pixel centres) each kind of source's labels sit, in pixels of its images: mirroring
+# a face must move its labels by twice this beyond the pixels' mirror image, or the flipped copy teaches the network a
+# point 2x this far from where the unflipped one does. Measured by mirror consistency on the training faces (the
+# default model on each face and on its mirror image; AFW is not used): `python -m jobs.evaluate --data
+# ibug:../shared/data/300w/helen --data course:../shared/data/fkp --split training --fit-mirror` (docs/experiments.md).
+LABEL_X_OFFSET: dict[str, float] = {"ibug": 0.86, "course": 1.27}
+
 # Polylines that draw a face: (indices, closed).
 CONTOURS: tuple[tuple[range, bool], ...] = (
     (REGIONS["jaw"], False),
@@ -106,12 +113,12 @@ KEYPOINT_SPREAD_FLAT = 0.572
 # (course training + HELEN: `python -m jobs.evaluate --fit-confidence`), never on AFW, with the default model's
 # keypoint scores. A model's JSON carries the weights fitted with its own scores under "face_confidence"
 # (confidence.FaceConfidenceWeights; the bundled hm, fast and fastest do); these are for models without them
-FACE_CONF_BIAS = -19.23
-FACE_CONF_DETECTOR = 8.17
-FACE_CONF_FIT = 6.42
+FACE_CONF_BIAS = -18.23
+FACE_CONF_DETECTOR = 8.64
+FACE_CONF_FIT = 3.50
 # detectors without meaningful scores (Haar): sigmoid(FIT_ONLY_BIAS + FIT_ONLY * mean keypoint score), fitted the same way
-FACE_CONF_FIT_ONLY_BIAS = -11.40
-FACE_CONF_FIT_ONLY = 21.69
+FACE_CONF_FIT_ONLY_BIAS = -10.44
+FACE_CONF_FIT_ONLY = 20.10
 FACE_DETECTOR_SCORE_CLIP = (0.01, 0.99)  # detector scores are clipped to this before the logit (Haar says 1 for all)
 FACE_FIT_UNKNOWN = 0.5  # the fit term of models without per-keypoint scores (fully connected heads)
 # jobs.annotate --min-confidence default: faces below it are dropped. Chosen on the development clips: the

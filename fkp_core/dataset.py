@@ -20,7 +20,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from fkp_core.constants import IMAGE_EXTENSIONS, NUM_KEYPOINTS
+from fkp_core.constants import IMAGE_EXTENSIONS, LABEL_X_OFFSET, NUM_KEYPOINTS
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +238,11 @@ class DataSource:
     @property
     def label(self) -> str:
         return self.name or ("course" if self.kind == "course" else self.path.name)
+
+    @property
+    def label_x_offset(self) -> float:
+        """How far right of what they mark its labels sit, in pixels (:data:`~fkp_core.constants.LABEL_X_OFFSET`)."""
+        return LABEL_X_OFFSET[self.kind]
 
     def read(self, split: str = "training", on_error: OnError = "raise") -> list[Record]:
         """All records of this source (``split`` only matters for the course layout)."""

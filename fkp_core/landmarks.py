@@ -21,6 +21,7 @@ import numpy as np
 from fkp_core.confidence import DEFAULT_FACE_WEIGHTS
 from fkp_core.constants import NUM_KEYPOINTS
 from fkp_core.detector import DetectorSpec, FaceDetector, make_detector
+from fkp_core.mirror import mirrored
 from fkp_core.transforms import crop_face, face_frame, to_gray, uncrop_keypoints
 
 if TYPE_CHECKING:  # torch only where a model is loaded: the crop-and-map functions serve annotators that run ONNX bytes
@@ -84,17 +85,23 @@ def keypoints_and_scores_for_boxes(
 
 def refined_keypoints(
     predict_crops, grays: Sequence[np.ndarray], boxes: Sequence[np.ndarray], size: int, margin: float,
-    angles: Sequence[np.ndarray] | None, refine: int, upright: bool,
+    angles: Sequence[np.ndarray] | None, refine: int, upright: bool, mirror_offset: float | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     """:func:`keypoints_and_scores_for_boxes`, then ``refine`` more passes, each cropped around the last
     prediction (the framing the model was trained on, eyes level when ``upright``): a detector's loose
-    box costs accuracy that one re-crop wins back. Returns keypoints, scores and the crop boxes (Ni, 4)
-    of the last pass (what the fit's consistency is measured against)."""
+    box costs accuracy that one re-crop wins back. With a ``mirror_offset`` (the model's, :mod:`fkp_core.mirror`)
+    the last crop is also predicted on its mirror image, and the two predictions are averaged. Returns
+    keypoints, the points' scores (of the mirrored pass where there is one) and the crop boxes (Ni, 4) of
+    the last crop (what the fit's consistency is measured against)."""
     kps, scores = keypoints_and_scores_for_boxes(predict_crops, grays, boxes, size, margin, angles)
     for _ in range(refine):
         frames = [face_frame(k, upright) if len(k) else (b, np.zeros(len(b))) for k, b in zip(kps, boxes)]
-        boxes = [f[0] for f in frames]
-        kps, scores = keypoints_and_scores_for_boxes(predict_crops, grays, boxes, size, margin, [f[1] for f in frames])
+        boxes, angles = [f[0] for f in frames], [f[1] for f in frames]
+        kps, scores = keypoints_and_scores_for_boxes(predict_crops, grays, boxes, size, margin, angles)
+    if mirror_offset is not None:
+        plain = kps
+        kps, scores = keypoints_and_scores_for_boxes(mirrored(predict_crops, mirror_offset), grays, boxes, size, margin, angles)
+        kps = [((a + b) / 2).astype(np.float32) for a, b in zip(plain, kps)]
     return kps, scores, list(boxes)
 
 
@@ -118,6 +125,7 @@ class Landmarker:
         refine: int = 1,
         backend: str = "auto",
         upright: bool = True,
+        mirror: bool = True,
     ):
         from fkp_core.inference import make_predictor
         from fkp_core.weights import LoadedModel, load_model
@@ -127,8 +135,12 @@ class Landmarker:
             model = load_model(model)
         # the face confidence's weights fitted with this model (a bare network: those of the default)
         self.face_weights = DEFAULT_FACE_WEIGHTS
+        # the refine pass on the mirrored crop (fkp_core.mirror) where the model's offset was fitted and ``mirror``
+        self.mirror_offset: float | None = None
         if isinstance(model, LoadedModel):
-            self.face_weights, model = model.face_weights, model.model
+            self.face_weights, self.mirror_offset, model = model.face_weights, model.mirror_offset, model.model
+        if not mirror:
+            self.mirror_offset = None
         self.model = model.eval()
         self.size = self.model.config.input_size
         self.margin = self.model.config.crop_margin
@@ -160,7 +172,8 @@ class Landmarker:
         """Keypoints, their scores and the crop boxes (Ni, 4) of the last pass (what the fit's consistency is measured against)."""
         grays = [to_gray(np.asarray(im)) for im in images]
         boxes = [np.asarray(b, dtype=np.float64).reshape(-1, 4) for b in boxes]
-        return refined_keypoints(self.predict_crops, grays, boxes, self.size, self.margin, angles, self.refine, self.upright)
+        return refined_keypoints(self.predict_crops, grays, boxes, self.size, self.margin, angles, self.refine, self.upright,
+                                 self.mirror_offset)
 
     def keypoints_for_detections(self, images: Sequence[np.ndarray], detections: Sequence) -> list[np.ndarray]:
         """Keypoints for each image's :class:`~fkp_core.detector.Detections`, cropped through the detector's calibration."""

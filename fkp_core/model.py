@@ -41,10 +41,17 @@ class ModelConfig:
     # heatmap: keypoint scores from a learned per-point error (a 1x1 convolution on the decoder's features,
     # read under each point's heatmap, trained on the positions' detached errors) instead of the heatmap's spread
     point_sigma: bool = False
+    # heatmap: hidden channels of a 1x1 -> ReLU -> 1x1 branch beside the 1x1 that reads the heatmaps from the
+    # decoder's features (0: none); zero-initialised, so it can be added to a trained model without changing it
+    head_expand: int = 0
 
     def __post_init__(self) -> None:
         if self.point_sigma and self.head != "heatmap":
             raise ValueError("point_sigma needs head='heatmap'")
+        if self.head_expand and self.head != "heatmap":
+            raise ValueError("head_expand needs head='heatmap'")
+        if self.head_expand < 0:
+            raise ValueError("head_expand must be >= 0")
         if self.backbone != "resnet":
             from fkp_core.backbones import BACKBONES
 
@@ -131,12 +138,18 @@ class HeatmapHead(nn.Module):
     """
 
     def __init__(self, stage_channels: list[int], stage_strides: list[int], out_stride: int, channels: int, size: int,
-                 point_sigma: bool = False):
+                 point_sigma: bool = False, expand: int = 0):
         super().__init__()
         self.levels = [i for i, s in enumerate(stage_strides) if s >= out_stride]
         self.lateral = nn.ModuleList(nn.Conv2d(stage_channels[i], channels, 1, bias=False) for i in self.levels)
         self.smooth = nn.ModuleList(_conv_bn(channels, channels) for _ in self.levels[:-1])
         self.out = nn.Conv2d(channels, NUM_KEYPOINTS, 1)
+        self.expand: nn.Sequential | None = None
+        if expand:
+            self.expand = nn.Sequential(nn.Conv2d(channels, expand, 1, bias=False), nn.BatchNorm2d(expand), nn.ReLU(inplace=True),
+                                        nn.Conv2d(expand, NUM_KEYPOINTS, 1))
+            nn.init.zeros_(self.expand[-1].weight)
+            nn.init.zeros_(self.expand[-1].bias)
         self.sigma: nn.Conv2d | None = None
         if point_sigma:
             self.sigma = nn.Conv2d(channels, NUM_KEYPOINTS, 1)
@@ -164,6 +177,8 @@ class HeatmapHead(nn.Module):
             lat = self.lateral[k](feats[k])
             x = self.smooth[k](lat + nn.functional.interpolate(x, size=lat.shape[-2:], mode="nearest"))
         logits = self.out(x)  # (N, 68, h, w)
+        if self.expand is not None:
+            logits = logits + self.expand(x)
         n, k, h, w = logits.shape
         prob = torch.softmax(logits.flatten(2), dim=-1).view(n, k, h, w)
         mx, my = prob.sum(dim=2), prob.sum(dim=3)  # marginal distributions over columns and rows
@@ -196,7 +211,7 @@ class KeypointNet(nn.Module):
 
             self.backbone = BACKBONES[config.backbone](gray=True, max_stride=config.backbone_stride)
             self.head = HeatmapHead(self.backbone.out_channels, self.backbone.out_strides, config.heatmap_stride,
-                                    config.head_hidden, config.input_size, config.point_sigma)
+                                    config.head_hidden, config.input_size, config.point_sigma, config.head_expand)
             self.register_buffer("_mean", torch.tensor(config.input_mean), persistent=False)
             self.register_buffer("_std", torch.tensor(config.input_std), persistent=False)
             return
@@ -216,7 +231,7 @@ class KeypointNet(nn.Module):
         side = config.input_size // stride
         if config.head == "heatmap":
             self.head: nn.Module = HeatmapHead(stage_channels, strides, config.heatmap_stride, config.head_hidden,
-                                               config.input_size, config.point_sigma)
+                                               config.input_size, config.point_sigma, config.head_expand)
         else:
             self.head = nn.Sequential(
                 nn.Flatten(),

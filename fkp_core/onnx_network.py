@@ -60,6 +60,7 @@ class ExportedNetwork:
     margin: float
     scores: bool  # the graph's output carries each point's score
     face_weights: FaceConfidenceWeights = DEFAULT_FACE_WEIGHTS  # fitted with this model (its JSON)
+    mirror_offset: float | None = None  # the model's, for the mirrored refine pass (its JSON)
 
 
 def export_network(model: str) -> ExportedNetwork | None:
@@ -80,7 +81,8 @@ def export_network(model: str) -> ExportedNetwork | None:
     except Exception as exc:  # noqa: BLE001 - any failure here only costs start-up time
         logging.getLogger(__name__).warning("ONNX export unavailable (%s: %s)", type(exc).__name__, exc)
         return None
-    return ExportedNetwork(data, net.config.input_size, net.config.crop_margin, net.has_scores, loaded.face_weights)
+    return ExportedNetwork(data, net.config.input_size, net.config.crop_margin, net.has_scores, loaded.face_weights,
+                           loaded.mirror_offset)
 
 
 def onnx_network(exported: ExportedNetwork) -> Network:
@@ -88,4 +90,4 @@ def onnx_network(exported: ExportedNetwork) -> Network:
     from fkp_core.segments import Network
 
     session = OnnxSession(exported.onnx, threads=1, scores=exported.scores)
-    return Network(session, exported.size, exported.margin, exported.face_weights)
+    return Network(session, exported.size, exported.margin, exported.face_weights, exported.mirror_offset)

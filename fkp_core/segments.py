@@ -144,6 +144,7 @@ class Network:
     size: int
     margin: float
     face_weights: FaceConfidenceWeights = DEFAULT_FACE_WEIGHTS  # fitted with this model (its JSON)
+    mirror_offset: float | None = None  # the model's, for the mirrored refine pass (fkp_core.mirror); None: no such pass
 
 
 def load_network(model: str, device: str = "cpu") -> Network:
@@ -162,17 +163,17 @@ def load_network(model: str, device: str = "cpu") -> Network:
 
     torch.set_num_threads(1)
     lm = Landmarker(model, detector=_NoDetector(), device=device)
-    return Network(lm.predict_crops, lm.size, lm.margin, lm.face_weights)
+    return Network(lm.predict_crops, lm.size, lm.margin, lm.face_weights, lm.mirror_offset)
 
 
 def remote_network(predict: PredictFn, model: str) -> Network:
     """A network that runs elsewhere (a model actor): ``predict`` is the call, the geometry comes from the file."""
     from fkp_core.model import ModelConfig
-    from fkp_core.weights import read_metadata
+    from fkp_core.weights import mirror_offset_of, read_metadata
 
     meta = read_metadata(model)
     cfg = ModelConfig.from_dict(meta["config"])
-    return Network(predict, cfg.input_size, cfg.crop_margin, FaceConfidenceWeights.from_metadata(meta))
+    return Network(predict, cfg.input_size, cfg.crop_margin, FaceConfidenceWeights.from_metadata(meta), mirror_offset_of(meta))
 
 
 def _sampled_frames(path: str, segment: Segment, settings: AnnotateSettings, decode, sequential: bool,
@@ -214,7 +215,7 @@ def annotate_segment(network: Network, path: str, segment: Segment, frame_size: 
 
     cv2.setNumThreads(1)
     annotator = SegmentAnnotator(network.predict, network.size, network.margin, make_detector(settings.detector), settings.annotate,
-                                 network.face_weights)
+                                 network.face_weights, network.mirror_offset)
     t0, cpu0 = time.perf_counter(), time.process_time()
     decode, taken = DecodeStats(), [0]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -77,6 +77,8 @@ class TrainConfig:
     point_sigma: bool = False
     nonface: float = 0.0
     upright: bool = False  # train on upright crops (eyes level) whatever the preset or --init model says
+    mirror_course: bool = False  # flip course crops too (with their labels' offset), not only the 300-W sources'
+    head_expand: int = 0  # add a hidden layer of this width to the heatmap read-out (ModelConfig.head_expand; 0: as is)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def to_dict(self) -> dict:
@@ -313,11 +315,12 @@ def _wild(cfg: TrainConfig, upright: bool) -> bool:
     return upright or any((cfg.occluders, cfg.low_light, cfg.motion_blur, cfg.jpeg, cfg.nonface, cfg.three_quarter))
 
 
-def wild_transform(size: int, cfg: TrainConfig, margin: float = CROP_MARGIN, upright: bool = False, flip: float = 0.0) -> Compose:
+def wild_transform(size: int, cfg: TrainConfig, margin: float = CROP_MARGIN, upright: bool = False, flip: float = 0.0,
+                   label_shift: float = 0.0) -> Compose:
     """Training crops for faces in the wild: :func:`~fkp_core.transforms.train_transform`'s steps plus
     three-quarter views, occluders over the eyes and mouth, low light, motion blur and JPEG artefacts, on upright crops
     (roll jitter of ``cfg.augment.rotation`` degrees) when ``upright``; ``flip`` is this source's flip
-    probability (mirror-symmetric labels only); ``cfg.nonface`` of the crops are moved off the face
+    probability and ``label_shift`` its labels' :data:`~fkp_core.constants.LABEL_X_OFFSET`; ``cfg.nonface`` of the crops are moved off the face
     (:class:`~fkp_core.augment.RandomNonFace`, NaN labels). Occluders go on before the photometric steps, so that
     they are blurred, darkened and compressed with the face.
     """
@@ -327,7 +330,7 @@ def wild_transform(size: int, cfg: TrainConfig, margin: float = CROP_MARGIN, upr
         steps.append(UprightFaceCrop(size, margin, aug.box_jitter_scale, aug.box_jitter_shift, aug.rotation))
     else:
         steps += [FaceCrop(size, margin, aug.box_jitter_scale, aug.box_jitter_shift), RandomRotation(aug.rotation, p=0.8)]
-    steps += [RandomScale(*aug.scale), RandomTranslate(aug.translate), RandomHorizontalFlip(flip), Warp()]
+    steps += [RandomScale(*aug.scale), RandomTranslate(aug.translate), RandomHorizontalFlip(flip, label_shift), Warp()]
     if cfg.three_quarter > 0:
         steps.append(RandomThreeQuarterView(p=cfg.three_quarter))
     if aug.occlusion > 0:
@@ -348,24 +351,24 @@ def upright_eval_transform(size: int, margin: float = CROP_MARGIN) -> Compose:
 
 def make_datasets(
     train_records: Sequence[Record], val_records: Sequence[Record], cfg: TrainConfig, input_size: int, margin: float,
-    upright: bool = False, mirror_sources: Sequence[str] = (),
+    upright: bool = False, mirror_sources: Mapping[str, float] | None = None,
 ) -> tuple[KeypointDataset, KeypointDataset]:
     """Training set (augmented crops) and validation set (inference crops of keypoint boxes).
 
-    Horizontal flips (``cfg.augment.flip``) apply to the ``mirror_sources`` only: sources whose
-    labels are mirror-symmetric under the iBUG permutation (300-W); the course labels are not, and
-    their crops are never flipped.
+    Horizontal flips (``cfg.augment.flip``) apply to the ``mirror_sources`` only, each flipped with its labels'
+    offset (source label -> :data:`~fkp_core.constants.LABEL_X_OFFSET`): sources whose labels are mirror-symmetric
+    under the iBUG permutation once that offset is kept (300-W, and the course set with ``cfg.mirror_course``).
     """
     names = sorted({r.source for r in [*train_records, *val_records]})
+    mirror = dict(mirror_sources or {}) if cfg.augment.flip > 0 else {}
     if _wild(cfg, upright):
         base = wild_transform(input_size, cfg, margin, upright, flip=0.0)
-        flipped = wild_transform(input_size, cfg, margin, upright, flip=cfg.augment.flip)
+        per_source = {name: wild_transform(input_size, cfg, margin, upright, cfg.augment.flip, shift) for name, shift in mirror.items()}
         val_tf = upright_eval_transform(input_size, margin) if upright else eval_transform(input_size, margin)
     else:
         base = train_transform(input_size, replace(cfg.augment, flip=0.0), margin)
-        flipped = train_transform(input_size, cfg.augment, margin)
+        per_source = {name: train_transform(input_size, cfg.augment, margin, shift) for name, shift in mirror.items()}
         val_tf = eval_transform(input_size, margin)
-    per_source = {name: flipped for name in mirror_sources} if cfg.augment.flip > 0 else {}
     train = KeypointDataset(train_records, base, cfg.seed, names, per_source)
     val = KeypointDataset(val_records, val_tf, cfg.seed, names)
     return train, val
@@ -408,18 +411,14 @@ def initial_model(cfg: TrainConfig, log: logging.Logger | None = None) -> nn.Mod
         model = load_model(cfg.init).model.train()
         if cfg.upright:
             model.config = replace(model.config, upright=True)
-        if cfg.point_sigma and not model.config.point_sigma:
-            fresh = build_model(model.config, point_sigma=True)
-            missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
-            if unexpected or any(not k.startswith("head.sigma.") for k in missing):
-                raise ValueError(f"cannot add an error head to {cfg.init}: {missing + unexpected}")
-            model = fresh.train()
-        return _frozen(model, cfg, log)
+        return _frozen(_grown(model, cfg, cfg.init), cfg, log)
     overrides = {"input_size": cfg.input_size} if cfg.input_size else {}
     if cfg.point_sigma:
         overrides["point_sigma"] = True
     if cfg.upright:
         overrides["upright"] = True
+    if cfg.head_expand:
+        overrides["head_expand"] = cfg.head_expand
     preset = build_model(cfg.model, **overrides)
     if cfg.pretrained:
         unused = preset.load_pretrained()
@@ -427,6 +426,28 @@ def initial_model(cfg: TrainConfig, log: logging.Logger | None = None) -> nn.Mod
             log.info("backbone %s initialised from ImageNet weights (%d tensors of the file beyond the cut unused)",
                      preset.config.backbone, len(unused))
     return _frozen(preset, cfg, log)
+
+
+def _grown(model: nn.Module, cfg: TrainConfig, name: str) -> nn.Module:
+    """A release model with the parts the run adds to it (an error head, a wider heatmap read-out), its trained
+    weights kept and the new parts at their initialisation, which leaves its predictions as they were."""
+    from fkp_core.model import build_model
+
+    grow: dict[str, object] = {}
+    if cfg.point_sigma and not model.config.point_sigma:
+        grow["point_sigma"] = True
+    if cfg.head_expand and model.config.head_expand != cfg.head_expand:
+        if model.config.head_expand:
+            raise ValueError(f"{name} already has a heatmap read-out of width {model.config.head_expand}")
+        grow["head_expand"] = cfg.head_expand
+    if not grow:
+        return model
+    fresh = build_model(model.config, **grow)
+    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
+    new = tuple(p for p, key in (("head.sigma.", "point_sigma"), ("head.expand.", "head_expand")) if key in grow)
+    if unexpected or any(not k.startswith(new) for k in missing):
+        raise ValueError(f"cannot add {' and '.join(grow)} to {name}: {missing + unexpected}")
+    return fresh.train()
 
 
 def _frozen(model: nn.Module, cfg: TrainConfig, log: logging.Logger | None) -> nn.Module:

@@ -340,17 +340,30 @@ class RandomTranslate:
 
 
 class RandomHorizontalFlip:
-    """Mirror left-right and relabel the points with the flip permutation."""
+    """Mirror left-right and relabel the points with the flip permutation.
 
-    def __init__(self, p: float = 0.5):
+    ``label_shift``: how far right of the content the source's labels sit (pixels of the source image,
+    :data:`~fkp_core.constants.LABEL_X_OFFSET`). The flipped labels get the same offset to the right of the
+    mirrored content, so that a face and its mirror teach the same convention.
+    """
+
+    def __init__(self, p: float = 0.5, label_shift: float = 0.0):
         self.p = p
+        self.label_shift = label_shift
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
         if rng.random() >= self.p:
             return sample
         w, _ = sample.size
         m = np.array([[-1, 0, w - 1], [0, 1, 0], [0, 0, 1]], dtype=np.float64)
-        return sample.then(m, flip=True)
+        flipped = sample.then(m, flip=True)
+        if not self.label_shift:
+            return flipped
+        # the source's offset (shift, 0) seen in the output is (a, b) * shift before the mirror, (-a, b) * shift after:
+        # (2 a shift, 0) puts it back; moved into source pixels, where the sample keeps its keypoints
+        want = np.array([2.0 * self.label_shift * sample.matrix[0, 0], 0.0])
+        delta = np.linalg.solve(flipped.matrix[:2, :2], want)
+        return replace(flipped, keypoints=(flipped.keypoints + delta).astype(flipped.keypoints.dtype))
 
 
 # ---- photometric (act on the warped image) ----
@@ -498,14 +511,16 @@ class AugmentConfig:
     occlusion: float = 0.1
 
 
-def train_transform(size: int, aug: AugmentConfig = AugmentConfig(), margin: float = CROP_MARGIN) -> Compose:
-    """Face crop with geometric and photometric augmentation, resampled once."""
+def train_transform(size: int, aug: AugmentConfig = AugmentConfig(), margin: float = CROP_MARGIN,
+                    label_shift: float = 0.0) -> Compose:
+    """Face crop with geometric and photometric augmentation, resampled once; ``label_shift`` is the source's
+    :data:`~fkp_core.constants.LABEL_X_OFFSET`, which its flips keep."""
     steps: list[Transform] = [
         FaceCrop(size, margin, aug.box_jitter_scale, aug.box_jitter_shift),
         RandomRotation(aug.rotation, p=0.8),
         RandomScale(*aug.scale),
         RandomTranslate(aug.translate),
-        RandomHorizontalFlip(aug.flip),
+        RandomHorizontalFlip(aug.flip, label_shift),
         Warp(),
     ]
     if aug.photometric:

@@ -47,6 +47,17 @@ class LoadedModel:
         """The face confidence's weights fitted with this model (its keypoint scores' scale)."""
         return FaceConfidenceWeights.from_metadata(self.metadata)
 
+    @property
+    def mirror_offset(self) -> float | None:
+        """The model's horizontal offset for the mirrored pass (:mod:`fkp_core.mirror`); None: not fitted, no mirrored pass."""
+        return mirror_offset_of(self.metadata)
+
+
+def mirror_offset_of(metadata: dict[str, Any]) -> float | None:
+    """``"mirror_offset"`` of a model's JSON (crop units), None where it has none."""
+    value = metadata.get("mirror_offset")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
 
 def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
     p = Path(path)

@@ -32,6 +32,7 @@ from jobs.common import (
     non_negative_float,
     positive_float,
     positive_int,
+    refuse_validation_sources,
     run_main,
 )
 
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--sample-fps seeks over keyframe intervals shorter than its step (default: the videos as they are)")
     a.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs of the local Ray instance (default: all)")
     a.add_argument("--extra", default="", help="more flags for jobs.annotate, as one string (e.g. '--model-actors 1')")
+    a.add_argument("--variant", action="append", default=None, metavar="FLAGS",
+                   help="repeatable: jobs.annotate flags (one string, '' for none) to compare in the same run, each on top of --extra, "
+                        "e.g. --variant= --variant=--no-mirror (default: one run without)")
     m = sub.add_parser("model", help="CNN time per face by batch size", formatter_class=HelpFormatter)
     m.add_argument("--model", default=None, help="model file, or a bundled model by name ('default', 'hm', 'fast', 'fastest'); default: default")
     m.add_argument("--device", default="cpu", help="torch device")
@@ -121,14 +125,21 @@ def sampled_decode(path: str, rate: float) -> dict:
     return {"seconds": time.perf_counter() - t0, "sampled": n, "decoder_frames": st.decoder_frames, "seeks": st.seeks}
 
 
-def _annotate_grid(args: argparse.Namespace) -> list[tuple[str, int, float | None]]:
-    """The (detector, detect-every, sample-fps) runs the flags ask for, checked."""
+def _annotate_grid(args: argparse.Namespace) -> list[tuple[str, str, int, float | None]]:
+    """The (variant, detector, detect-every, sample-fps) runs the flags ask for, checked."""
     ks = [int(k) for k in args.detect_every.split(",") if k.strip()]
     detectors, rates = _detectors_flag(args.detector), _sample_fps_flag(args.sample_fps)
     for v in args.videos:
         if not Path(v).is_file():
             raise UsageError(f"{v}: no such file")
-    return [(d, k, r) for d in detectors for k in ks for r in rates]
+    variants = args.variant if args.variant else [""]
+    from jobs.annotate import build_parser as annotate_parser
+
+    for v in variants:  # each a valid jobs.annotate command line, checked before any measuring
+        _, unknown = annotate_parser().parse_known_args([args.videos[0], "--out", "x", *args.extra.split(), *v.split()])
+        if unknown:
+            raise UsageError(f"--variant {v!r}: not jobs.annotate flags: {' '.join(unknown)}")
+    return [(v, d, k, r) for v in variants for d in detectors for k in ks for r in rates]
 
 
 def _detectors_flag(text: str) -> list[str]:
@@ -150,14 +161,15 @@ def _sample_fps_flag(text: str) -> list[float | None]:
     return rates
 
 
-def _annotate_run(args: argparse.Namespace, path: str, detector: str, k: int, rate: float | None, frames: int, secs: float) -> dict:
+def _annotate_run(args: argparse.Namespace, path: str, variant: str, detector: str, k: int, rate: float | None, frames: int,
+                  secs: float) -> dict:
     """One jobs.annotate run on ``path``: its speed against the decode-only figure measured right before, per-stage CPU."""
     from fkp_core.store import open_output
     from fkp_core.video import video_id
     from jobs import annotate
 
     with tempfile.TemporaryDirectory() as tmp:
-        argv = [path, "--out", f"{tmp}/out", "--detect-every", str(k), "--detector", detector, "-q", *args.extra.split()]
+        argv = [path, "--out", f"{tmp}/out", "--detect-every", str(k), "--detector", detector, "-q", *args.extra.split(), *variant.split()]
         argv += ["--sample-fps", str(rate)] if rate else []
         if args.segment_frames:
             argv += ["--segment-frames", str(args.segment_frames)]
@@ -166,7 +178,7 @@ def _annotate_run(args: argparse.Namespace, path: str, detector: str, k: int, ra
         wall = time.perf_counter() - t0
         status = open_output(f"{tmp}/out").read_json(open_output(f"{tmp}/out").status_path(video_id(path)))
     return {
-        "detector": detector, "detect_every": k, "sample_fps": rate, "exit_code": code, "wall_s": wall, "fps": frames / wall, "decode_only_fps": frames / secs,
+        "variant": variant, "detector": detector, "detect_every": k, "sample_fps": rate, "exit_code": code, "wall_s": wall, "fps": frames / wall, "decode_only_fps": frames / secs,
         "ratio_to_decode_only": (frames / wall) / (frames / secs), "faces": status.get("faces"),
         "stage_cpu_seconds": status.get("stage_seconds"),
         "stage_ms_per_frame": {s: 1000 * v / max(frames, 1) for s, v in (status.get("stage_seconds") or {}).items()},
@@ -176,6 +188,7 @@ def _annotate_run(args: argparse.Namespace, path: str, detector: str, k: int, ra
 def _print_annotate_run(path: str, run: dict) -> None:
     rate, sampled = run["sample_fps"], run.get("sampled_decode")
     print(f"{Path(path).name}: decode-only {run['decode_only_fps']:.0f} fps | {run['detector']}, detect-every {run['detect_every']}"
+          f"{', ' + run['variant'] if run.get('variant') else ''}"
           f"{f', sample-fps {rate:g}' if rate else ''}: "
           f"{run['fps']:.0f} fps = {run['ratio_to_decode_only']:.2f} x decode-only | per frame (CPU ms): "
           + ", ".join(f"{s} {v:.2f}" for s, v in run["stage_ms_per_frame"].items()))
@@ -227,13 +240,13 @@ def _bench_video(args: argparse.Namespace, grid: list, path: str) -> dict:
 
     info = probe(path)
     entry = {"video": path, "gop": args.gop, "size": [info.width, info.height], "runs": []}
-    for detector, k, rate in grid:
+    for variant, detector, k, rate in grid:
         # decode-only right before each run: on a shared machine the speed of the cores drifts
         # between minutes, and a ratio is only as good as its two figures are close in time
         frames, secs = decode_only_fps(path)
         entry["frames"] = frames
         sampled = sampled_decode(path, rate) if rate else None
-        run = _annotate_run(args, path, detector, k, rate, frames, secs)
+        run = _annotate_run(args, path, variant, detector, k, rate, frames, secs)
         if sampled:
             run["sampled_decode"] = {**sampled, "x_decode_only_time": sampled["seconds"] / secs}
         entry["runs"].append(run)
@@ -345,8 +358,7 @@ def _labelled_records(args: argparse.Namespace) -> list:
         records = [r for src in sources for r in (src.read("training") if src.kind == "course" else src.read())][:: args.every]
     except DatasetError as exc:
         raise UsageError(str(exc)) from None
-    if any("afw" in src.label.lower() for src in sources):
-        raise UsageError("--data: AFW is for validation only, never for choosing settings")
+    refuse_validation_sources(sources)
     return records
 
 

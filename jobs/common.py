@@ -108,6 +108,12 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def refuse_validation_sources(sources) -> None:
+    """Settings are chosen on training faces only: AFW (validation only) is a usage error."""
+    if any("afw" in src.label.lower() for src in sources):
+        raise UsageError("--data: AFW is for validation only, never for choosing settings")
+
+
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")

@@ -34,6 +34,7 @@ from jobs.common import (
     non_negative_int,
     positive_float,
     positive_int,
+    refuse_validation_sources,
     run_main,
     unit_interval,
 )
@@ -51,11 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_detector_flags(p.add_argument_group("detection (the end-to-end protocol; the same flags and defaults as jobs.annotate)"))
     p.add_argument("--no-upright", action="store_true", help="crop faces as they lie instead of turning them so the eyes are level")
     p.add_argument("--refine", type=non_negative_int, default=1, help="extra CNN passes re-cropped around the prediction")
+    p.add_argument("--no-mirror", action="store_true",
+                   help="predict each face only on its crop as it is. By default the last crop is also predicted on its mirror "
+                        "image and the two are averaged (one more CNN pass per face, less error and jitter), for models whose "
+                        "JSON has a \"mirror_offset\" (fitted with jobs.evaluate --fit-mirror; the bundled ones do)")
     p.add_argument("--threshold", type=positive_float, default=0.10, help="NME above which a face counts as a failure (FR) and the CED/AUC limit")
     p.add_argument("--out", default="runs/eval", help="folder for report.json and the PNGs")
     p.add_argument("--device", default="cpu", help="torch device for the CNN")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
-    g = p.add_argument_group("face confidence and keypoint scores (instead of the accuracy report)")
+    g = p.add_argument_group("face confidence, keypoint scores and the mirrored pass (instead of the accuracy report)")
     g.add_argument("--confidence-report", metavar="DIR", default=None,
                    help="write DIR/report.json (ROC AUC of the face confidence: detections of the annotated face against "
                         "the other detections; keypoint-score calibration: point error by score) and DIR/roc.png")
@@ -63,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit the face confidence's logistic weights on --data (training sources only) and print them")
     g.add_argument("--report-score-threshold", type=unit_interval, default=0.3,
                    help="detector score threshold for these measurements: low, so that detections other than the face exist")
+    g.add_argument("--fit-mirror", action="store_true",
+                   help="measure the model's horizontal offset for the mirrored refine pass (its JSON's \"mirror_offset\") and how far "
+                        "right of what they mark each source's labels sit, on --data (training sources only), and print them")
     g.add_argument("--every", type=positive_int, default=1, help="use every N-th labelled image of each source")
     add_common_flags(p)
     return p
@@ -162,7 +170,16 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     loaded = load_model_arg(args.model, device=args.device)
     spec = detector_spec(args)
-    lm = Landmarker(loaded, detector=make_detector(spec), device=args.device, refine=args.refine, upright=not args.no_upright)
+    lm = Landmarker(loaded, detector=make_detector(spec), device=args.device, refine=args.refine, upright=not args.no_upright,
+                    mirror=not args.no_mirror)
+    if args.fit_mirror or args.fit_confidence:  # fitted on training faces only
+        refuse_validation_sources(sources)
+        if args.split != "training" and any(src.kind == "course" for src in sources):
+            raise UsageError("--fit-mirror and --fit-confidence fit on training faces: add --split training")
+    if args.fit_mirror:
+        from jobs.mirror_fit import run_fit
+
+        return run_fit(lm, sources, args.split, args.every)
     if args.confidence_report or args.fit_confidence:
         from jobs.confidence_report import run_report
 
@@ -172,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = {
         "model": str(loaded.path), "model_sha256": loaded.metadata.get("sha256"), "detector": asdict(spec),
-        "upright": not args.no_upright, "refine": args.refine, "threshold": args.threshold,
+        "upright": not args.no_upright, "refine": args.refine,
+        "mirror_offset": lm.mirror_offset, "threshold": args.threshold,
         "command": args.command,
         "sources": {},
     }

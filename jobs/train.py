@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--freeze-stride", type=int, choices=[0, 2, 4, 8], default=d.freeze_stride,
                    help="keep the backbone's layers up to this output stride at their initial (ImageNet) weights, batch norms "
                         "included: a cheaper backward pass on CPUs (0: train everything; mnv2/lite0 only)")
+    g.add_argument("--mirror-course", action="store_true",
+                   help="flip course crops too (--flip), with their labels' offset kept; by default only the 300-W sources "
+                        "are flipped")
+    g.add_argument("--head-expand", type=non_negative_int, default=0, metavar="C",
+                   help="widen the heatmap read-out with a hidden 1x1 layer of C channels beside it (0: none); added to an "
+                        "--init model at zero, so training starts from its predictions")
     g.add_argument("--upright", action="store_true",
                    help="train on upright crops (eyes level, turned by up to --rotation degrees), the view the annotator "
                         "gives every model; the ImageNet presets always train so (with --init: from now on)")
@@ -268,7 +274,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_records, val_records = split_records(train_sources, val_sources, cfg.val_fraction)
     preset = initial_model(cfg, wlog if rank == 0 else None)
     mcfg = preset.config
-    mirror = [s.label for s in train_sources if s.kind == "ibug"]  # 300-W labels are mirror-symmetric, the course's are not
+    # 300-W labels are mirror-symmetric (once their offset is kept); the course's only roughly, so flipped on request
+    mirror = {s.label: s.label_x_offset for s in train_sources if s.kind == "ibug" or cfg.mirror_course}
     train_ds, val_ds = make_datasets(train_records, val_records, cfg, mcfg.input_size, mcfg.crop_margin, mcfg.upright, mirror)
     weights = source_weights(train_records, {s.label: s.weight for s in train_sources})
     sampler = WeightedDistributedSampler(weights, len(train_records), rank, world, cfg.seed)
@@ -365,7 +372,7 @@ def _resolve_init(args: argparse.Namespace) -> tuple[str | None, dict | None]:
 
 
 def _check_pretrained(args: argparse.Namespace, parent: dict | None) -> None:
-    """``--pretrained`` / ``--freeze-stride`` / ``--point-sigma`` / ``--nonface``: a model that has what they act on, its
+    """``--pretrained`` / ``--freeze-stride`` / ``--point-sigma`` / ``--nonface`` / ``--head-expand``: a model that has what they act on, its
     ImageNet weights installed (checked here, not in a worker)."""
     from fkp_core.backbones import PretrainedError, pretrained_path
     from fkp_core.model import MODEL_PRESETS
@@ -381,6 +388,11 @@ def _check_pretrained(args: argparse.Namespace, parent: dict | None) -> None:
         raise UsageError(f"--point-sigma needs a heatmap head (model {name!r} has {head!r})")
     if args.nonface and not sigma:
         raise UsageError("--nonface teaches the error head: add --point-sigma")
+    if args.head_expand and head != "heatmap":
+        raise UsageError(f"--head-expand widens a heatmap head (model {name!r} has {head!r})")
+    had = parent["config"].get("head_expand", 0) if parent else 0
+    if args.head_expand and had and had != args.head_expand:
+        raise UsageError(f"--head-expand: the --init model already has a read-out of width {had}")
     if not args.pretrained:
         return
     if parent is not None:
@@ -534,7 +546,7 @@ def _train_config(args: argparse.Namespace, init: str | None, distill: str | Non
         loader_workers=args.loader_workers if args.loader_workers is not None else max(0, int(args.cpus_per_worker) - 1),
         pretrained=args.pretrained, freeze_stride=args.freeze_stride, occluders=args.occluders, low_light=args.low_light, motion_blur=args.motion_blur, jpeg=args.jpeg,
         three_quarter=args.three_quarter,
-        point_sigma=args.point_sigma, nonface=args.nonface, upright=args.upright,
+        point_sigma=args.point_sigma, nonface=args.nonface, upright=args.upright, mirror_course=args.mirror_course, head_expand=args.head_expand,
         augment=replace(AugmentConfig(), rotation=args.rotation, occlusion=args.occlusion, flip=args.flip, photometric=not args.no_photometric),
     )
 

@@ -36,6 +36,17 @@ def test_annotate_bench_saves_fps_ratios_and_stages(tmp_path, capsys):
     assert "x decode-only" in capsys.readouterr().out
 
 
+def test_annotate_bench_compares_flag_variants_in_one_run(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["annotate", str(SAMPLE), "--detect-every", "10", "--variant", "", "--variant", "--no-mirror --no-smooth",
+                       "--json", str(out), "--extra=--model fastest", "-q"]) == 0
+    runs = json.loads(out.read_text())["results"][0]["runs"]
+    assert [r["variant"] for r in runs] == ["", "--no-mirror --no-smooth"]
+    assert all(r["exit_code"] == 0 and r["faces"] >= 314 for r in runs)
+    assert "detect-every 10, --no-mirror --no-smooth:" in capsys.readouterr().out
+    assert bench.main(["annotate", str(SAMPLE), "--variant=--no-such-flag", "-q"]) == 2
+
+
 def test_detector_bench_counts_faces_by_threshold(tmp_path, real_data):
     """The sample clip (one face on each of its 320 frames) and drawn course faces, through `jobs.bench detector`."""
     from conftest import make_course_dataset

@@ -61,13 +61,14 @@ def test_occluded_points_score_lower_than_visible(landmarker, faces):
         clean.append(s_clean)
         occluded.append(s_hidden)
     clean, occluded = np.array(clean), np.array(occluded)
-    # the hidden mouth scores lower than the same mouth visible, face by face (its expected error at least ~1.2x:
-    # scores are linear in the log of the expected error between the model's sharp and flat ends), and far more
-    # than the visible brows and eyes (points 17-47) do
+    # the hidden mouth scores lower than the same mouth visible, face by face (its expected error higher on every
+    # face, 1.2x on average: scores are linear in the log of the expected error between the model's sharp and flat
+    # ends; the default gives 1.08-1.43x, docs/confidence.md), and far more than the visible brows and eyes (17-47) do
     sharp, flat = landmarker.model.head.score_range
     drop = clean - occluded
     mouth, upper = drop[:, MOUTH].mean(1), drop[:, 17:48].mean(1)
-    assert (mouth * np.log(flat / sharp) > np.log(1.2)).all(), mouth
+    rise = np.exp(mouth * np.log(flat / sharp))
+    assert (rise > 1.05).all() and rise.mean() > 1.15, rise
     assert (mouth > upper).all() and mouth.mean() > 3 * upper.mean(), (mouth, upper)
     assert ((clean >= 0) & (clean <= 1)).all()
 
@@ -89,7 +90,9 @@ def test_face_confidence_separates_faces_from_non_faces(landmarker, faces):
     det = np.full(len(real) + len(other), 0.9)  # the same detector evidence for all: the fit must tell them apart
     conf = face_confidence(det, scores)
     assert conf[: len(real)].min() > 0.9
-    assert conf[: len(real)].min() - conf[len(real) :].max() > 0.25
+    # every face above every non-face (the default's weights, fitted on training images where the detector's score
+    # separates nearly alone, lean on the keypoint scores less than its former default's did: docs/confidence.md)
+    assert conf[: len(real)].min() - conf[len(real) :].max() > 0.05
     # a detector without scores (Haar): the confidence alone keeps every face and drops every non-face
     haar = face_confidence(np.full(len(det), np.nan), scores)
     assert haar[: len(real)].min() > 0.5 and haar[len(real) :].max() < MIN_FACE_CONFIDENCE

@@ -162,7 +162,8 @@ def test_the_fast_models_cost_less_than_the_default():
     assert macs(fastest.model) < 0.5 * macs(fast.model) and macs(fast.model) < 0.6 * macs(hm.model)
     assert macs(fast.model) < 0.7 * macs(default.model)
     for small in (fast, fastest):
-        assert small.metadata["trained"]["distill"]["sha256"] == default.metadata["sha256"]  # taught by the default
+        # taught by the model the default was fine-tuned from (its third stage, with the flips that keep the labels' offset)
+        assert small.metadata["trained"]["distill"]["sha256"] == default.metadata["trained"]["init"]["sha256"]
         assert small.config.upright and small.config.point_sigma  # its view and its kind of keypoint scores
         assert small.metadata["trained"]["init"]["sha256"] != hm.metadata["sha256"]  # from the earlier small model
 
@@ -279,6 +280,38 @@ def test_backbone_config_validation():
         ModelConfig(backbone="mobilenet_v2", head="heatmap", heatmap_stride=8, input_size=72)
     with pytest.raises(ValueError, match="point_sigma needs head='heatmap'"):
         ModelConfig(head="fc", point_sigma=True)
+    with pytest.raises(ValueError, match="head_expand needs head='heatmap'"):
+        ModelConfig(head="fc", head_expand=32)
+
+
+def test_a_wider_read_out_joins_a_trained_model_without_moving_its_points_and_round_trips(tmp_path):
+    from fkp_core.inference import OnnxPredictor
+    from fkp_core.training import TrainConfig, initial_model
+
+    torch.manual_seed(0)
+    base = build_model("mnv2", input_size=64, point_sigma=True).eval()
+    with torch.no_grad():  # a trained-looking model: its error head away from its initial constant
+        base.head.sigma.weight.normal_(0.0, 0.3)
+    parent = save_model(base, tmp_path / "parent", {"note": "parent"})
+    grown = initial_model(TrainConfig(init=str(parent), head_expand=16, point_sigma=True)).eval()
+    assert grown.config.head_expand == 16 and grown.head.expand is not None
+    assert count_parameters(grown) > count_parameters(base)
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x, scores=True), base(x, scores=True))  # zero-initialised: the parent's output
+        # as training moves it: its batch norm fitted to the (untrained, tiny) features, its output weights off zero
+        grown.head.expand[1].running_var.fill_(1e-8)
+        grown.head.expand[-1].weight.normal_(0.0, 1.0)
+        moved = grown(x)
+    assert (moved - base(x)).abs().max() > 1e-3
+    path = save_model(grown, tmp_path / "grown", {"note": "grown"})
+    loaded = load_model(path)
+    assert loaded.config.head_expand == 16
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), moved)
+    np.testing.assert_allclose(OnnxPredictor(loaded.model, threads=1)(x[:, 0].numpy()), moved.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="already has a heatmap read-out of width 16"):
+        initial_model(TrainConfig(init=str(path), head_expand=32))
 
 
 def test_freezing_keeps_early_layers_and_their_batch_norms():

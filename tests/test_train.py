@@ -262,7 +262,7 @@ def test_two_epochs_from_imagenet_weights_with_the_wild_recipe(ray_session, cour
     out = tmp_path / "model"
     tiny = [a for a in TINY if a not in ("--model", "tiny")]
     code = _main(train, ["--data", f"course:{course}", "--data", f"ibug:{helen}", "--epochs", "2", "--model", "mnv2",
-                         "--input-size", "64", "--pretrained", "--freeze-stride", "4", "--rotation", "8", "--flip", "0.5",
+                         "--input-size", "64", "--pretrained", "--freeze-stride", "4", "--rotation", "8", "--flip", "0.5", "--mirror-course",
                          "--occluders", "0.3", "--low-light", "0.2", "--motion-blur", "0.1", "--jpeg", "0.3",
                          "--point-sigma", "--nonface", "0.2", "--three-quarter", "0.3", "--output", out, "--name", "p", *tiny])
     assert code == 0
@@ -271,7 +271,7 @@ def test_two_epochs_from_imagenet_weights_with_the_wild_recipe(ray_session, cour
     assert loaded.config.point_sigma
     tc = loaded.metadata["trained"]["train_config"]
     assert tc["pretrained"] and tc["freeze_stride"] == 4 and tc["occluders"] == 0.3 and tc["augment"]["flip"] == 0.5
-    assert tc["point_sigma"] and tc["nonface"] == 0.2 and tc["three_quarter"] == 0.3
+    assert tc["point_sigma"] and tc["nonface"] == 0.2 and tc["three_quarter"] == 0.3 and tc["mirror_course"]
     # the error head was fitted (it starts as a constant: zero weights)
     assert loaded.model.head.sigma.weight.abs().sum() > 0
     assert loaded.metadata["trained"]["epochs_run"] == 2
@@ -312,3 +312,7 @@ def test_pretrained_needs_a_backbone(course, tmp_path, capsys):
     assert code == 2 and "--nonface teaches the error head: add --point-sigma" in capsys.readouterr().err
     code = _main(train, ["--data", f"course:{course}", "--model", "base", "--point-sigma", "--output", tmp_path, "-q"])
     assert code == 2 and "--point-sigma needs a heatmap head" in capsys.readouterr().err
+    code = _main(train, ["--data", f"course:{course}", "--model", "base", "--head-expand", "64", "--output", tmp_path, "-q"])
+    assert code == 2 and "--head-expand widens a heatmap head" in capsys.readouterr().err
+    code = _main(train, ["--data", f"course:{course}", "--model", "hm", "--head-expand", "-1", "--output", tmp_path, "-q"])
+    assert code == 2 and "--head-expand" in capsys.readouterr().err

@@ -117,7 +117,7 @@ def _labels_under_keypoints(image: torch.Tensor, kp: torch.Tensor) -> np.ndarray
 def test_flips_relabel_300w_samples_and_leave_course_samples_alone(tmp_path, upright):
     records = _records(tmp_path, tilt_degrees=12.0)
     cfg = TrainConfig(augment=_STILL)
-    train, _ = make_datasets(records, records, cfg, 224, 0.2, upright=upright, mirror_sources=["helen"])
+    train, _ = make_datasets(records, records, cfg, 224, 0.2, upright=upright, mirror_sources={"helen": 0.0})
     (course_img, course_kp, _), (helen_img, helen_kp, _) = train[0], train[1]
     # course: not flipped, every point on its own disc
     assert (_labels_under_keypoints(course_img, course_kp) == np.arange(68)).all()
@@ -127,8 +127,36 @@ def test_flips_relabel_300w_samples_and_leave_course_samples_alone(tmp_path, upr
     np.testing.assert_allclose(helen_kp[:, 0].numpy(), -course_kp[list(FLIP_PERMUTATION), 0].numpy(), atol=2e-3)
     # and without the flip on: both sources alike
     plain, _ = make_datasets(records, records, TrainConfig(augment=AugmentConfig(**{**_STILL.__dict__, "flip": 0.0})), 224, 0.2,
-                             upright=upright, mirror_sources=["helen"])
+                             upright=upright, mirror_sources={"helen": 0.0})
     assert (_labels_under_keypoints(*plain[1][:2]) == np.arange(68)).all()
+
+
+def test_a_flipped_source_keeps_its_labels_offset_from_what_they_mark(tmp_path):
+    """Labels that sit 3 px right of their discs: the flipped copy's labels sit 3 px right of the mirrored discs too."""
+    from dataclasses import replace
+
+    records = _records(tmp_path, tilt_degrees=0.0)
+    shifted = [replace(r, keypoints=r.keypoints + np.float32([3.0, 0.0])) for r in records]
+    cfg = TrainConfig(augment=_STILL)
+    for shift, want in ((3.0, 3.0), (0.0, -3.0)):  # with the offset kept / with a plain mirror (the offset turned round)
+        train, _ = make_datasets(shifted, shifted, cfg, 224, 0.2, mirror_sources={"helen": shift, "course": shift})
+        for (img, kp, _), rec in zip((train[0], train[1]), records):
+            truth = _disc_centres(img)[list(FLIP_PERMUTATION)]  # the mirrored discs, relabelled
+            scale = truth.std(0).mean() / rec.keypoints.std(0).mean()  # crop pixels per image pixel
+            offset = ((kp.numpy() + 1) * 112 - 0.5 - truth).mean(0) / scale
+            assert offset[0] == pytest.approx(want, abs=0.3) and offset[1] == pytest.approx(0.0, abs=0.3)
+
+
+def _disc_centres(image: torch.Tensor) -> np.ndarray:
+    """(68, 2) centroid of each labelled disc in crop pixels (its flat inside: resampled edges pass through other levels)."""
+    img = image[0].numpy() * 255
+    out = np.full((68, 2), np.nan)
+    ys, xs = np.mgrid[: img.shape[0], : img.shape[1]]
+    for i, level in enumerate(_LEVELS):
+        mask = cv2.erode((np.abs(img - level) < 1.0).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        if mask.any():
+            out[i] = xs[mask].mean(), ys[mask].mean()
+    return out
 
 
 def test_upright_crops_level_the_eyes_and_validation_uses_them(tmp_path):
