@@ -497,7 +497,9 @@ class AugmentConfig:
     Horizontal flips are off by default: the course labels are not mirror-symmetric (their mean
     shape is offset by ~1.7% of the inter-ocular distance from its mirror image), and flipping
     taught the model a compromise that cost 0.8 points of validation NME (6.0% -> 6.8% in a
-    60-epoch comparison on the identity-disjoint split). Milder geometry than we first tried
+    60-epoch comparison on the identity-disjoint split). Most of that offset is the labels sitting
+    ~1.3 px right of what they mark (:data:`~fkp_core.constants.LABEL_X_OFFSET`), which a flip with
+    ``label_shift`` keeps (``jobs.train --mirror-course``). Milder geometry than we first tried
     (rotation 15 vs 25 degrees, occlusion 0.1 vs 0.25, box jitter halved) also validated better.
     """
 
