@@ -42,10 +42,18 @@ def mirrored(predict: PredictFn, offset: float) -> PredictFn:
     return predict_mirrored
 
 
-def fit_mirror_offset(predict: PredictFn, crops: np.ndarray) -> float:
-    """The model's horizontal offset in crop units ([-1, 1] spans the crop): half the mean gap between its
-    points on each crop and its points on the crop's mirror image, mapped back. Fit on training faces."""
+def both_views(predict: PredictFn, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The predictions on each crop and on its mirror image mapped back without an offset: what the fits compare."""
     crops = np.asarray(crops)
-    plain = np.asarray(predict(crops))[..., 0]
-    back = unmirror(np.asarray(predict(np.ascontiguousarray(crops[:, :, ::-1]))))[..., 0]
-    return float(np.mean(plain - back) / 2.0)
+    return np.asarray(predict(crops)), mirrored(predict, 0.0)(crops)
+
+
+def offset_between(plain: np.ndarray, back: np.ndarray) -> float:
+    """The model's horizontal offset in crop units ([-1, 1] spans the crop): half the mean gap between its points on
+    each crop and on the crop's mirror image mapped back (:func:`both_views`)."""
+    return float(np.mean(plain[..., 0] - back[..., 0]) / 2.0)
+
+
+def fit_mirror_offset(predict: PredictFn, crops: np.ndarray) -> float:
+    """The model's offset from its own predictions on faces (training faces) and their mirror images."""
+    return offset_between(*both_views(predict, crops))

@@ -428,6 +428,9 @@ def initial_model(cfg: TrainConfig, log: logging.Logger | None = None) -> nn.Mod
     return _frozen(preset, cfg, log)
 
 
+_GROWN_PARTS = {"point_sigma": "head.sigma.", "head_expand": "head.expand."}  # config field -> its new weights' prefix
+
+
 def _grown(model: nn.Module, cfg: TrainConfig, name: str) -> nn.Module:
     """A release model with the parts the run adds to it (an error head, a wider heatmap read-out), its trained
     weights kept and the new parts at their initialisation, which leaves its predictions as they were."""
@@ -444,7 +447,7 @@ def _grown(model: nn.Module, cfg: TrainConfig, name: str) -> nn.Module:
         return model
     fresh = build_model(model.config, **grow)
     missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
-    new = tuple(p for p, key in (("head.sigma.", "point_sigma"), ("head.expand.", "head_expand")) if key in grow)
+    new = tuple(_GROWN_PARTS[key] for key in grow)
     if unexpected or any(not k.startswith(new) for k in missing):
         raise ValueError(f"cannot add {' and '.join(grow)} to {name}: {missing + unexpected}")
     return fresh.train()

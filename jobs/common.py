@@ -286,6 +286,14 @@ def existing_dir(value: str) -> Path:
     return p
 
 
+def add_mirror_flag(group) -> None:
+    """``--no-mirror``, the same for every job that predicts faces (annotate, evaluate)."""
+    group.add_argument("--no-mirror", action="store_true",
+                       help="predict each face only on its crop as it is. By default the last crop is also predicted on its "
+                            "mirror image and the two are averaged (one more CNN pass per face, less error and jitter), for models "
+                            "whose JSON has a \"mirror_offset\" (fitted with jobs.evaluate --fit-mirror; the bundled ones do)")
+
+
 def add_detector_flags(group) -> None:
     """The face-detection flags, the same for every job that detects (annotate, evaluate, bench)."""
     from fkp_core.detector import DEFAULT_DETECTOR, DETECTORS, YUNET_SCORE

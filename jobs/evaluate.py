@@ -29,6 +29,7 @@ from jobs.common import (
     UsageError,
     add_common_flags,
     add_detector_flags,
+    add_mirror_flag,
     detector_spec,
     load_model_arg,
     non_negative_int,
@@ -52,10 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_detector_flags(p.add_argument_group("detection (the end-to-end protocol; the same flags and defaults as jobs.annotate)"))
     p.add_argument("--no-upright", action="store_true", help="crop faces as they lie instead of turning them so the eyes are level")
     p.add_argument("--refine", type=non_negative_int, default=1, help="extra CNN passes re-cropped around the prediction")
-    p.add_argument("--no-mirror", action="store_true",
-                   help="predict each face only on its crop as it is. By default the last crop is also predicted on its mirror "
-                        "image and the two are averaged (one more CNN pass per face, less error and jitter), for models whose "
-                        "JSON has a \"mirror_offset\" (fitted with jobs.evaluate --fit-mirror; the bundled ones do)")
+    add_mirror_flag(p)
     p.add_argument("--threshold", type=positive_float, default=0.10, help="NME above which a face counts as a failure (FR) and the CED/AUC limit")
     p.add_argument("--out", default="runs/eval", help="folder for report.json and the PNGs")
     p.add_argument("--device", default="cpu", help="torch device for the CNN")
@@ -168,14 +166,14 @@ def run(args: argparse.Namespace) -> int:
         sources = [parse_source(s) for s in specs]
     except DatasetError as exc:
         raise UsageError(str(exc)) from None
-    loaded = load_model_arg(args.model, device=args.device)
-    spec = detector_spec(args)
-    lm = Landmarker(loaded, detector=make_detector(spec), device=args.device, refine=args.refine, upright=not args.no_upright,
-                    mirror=not args.no_mirror)
     if args.fit_mirror or args.fit_confidence:  # fitted on training faces only
         refuse_validation_sources(sources)
         if args.split != "training" and any(src.kind == "course" for src in sources):
             raise UsageError("--fit-mirror and --fit-confidence fit on training faces: add --split training")
+    loaded = load_model_arg(args.model, device=args.device)
+    spec = detector_spec(args)
+    lm = Landmarker(loaded, detector=make_detector(spec), device=args.device, refine=args.refine, upright=not args.no_upright,
+                    mirror=not args.no_mirror)
     if args.fit_mirror:
         from jobs.mirror_fit import run_fit
 

@@ -2,7 +2,7 @@
 
 Every face is cropped as training crops it (the upright frame of its labels) and predicted on the crop and on
 its mirror image. Half the mean gap between the two, mapped back, is the model's offset (``"mirror_offset"`` in
-its JSON, crop units: :func:`fkp_core.mirror.fit_mirror_offset`). Against the labels, the same two predictions
+its JSON, crop units: :func:`fkp_core.mirror.offset_between`). Against the labels, the same two predictions
 also tell how far right of what they mark a source's labels sit (:data:`fkp_core.constants.LABEL_X_OFFSET`): a
 network places a point the same distance from the feature on a face and on its mirror, so the labels' offset
 is minus the mean of the two predictions' horizontal errors. Fit on training sources only.
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from fkp_core.dataset import read_image
-from fkp_core.mirror import fit_mirror_offset, unmirror
+from fkp_core.mirror import both_views, offset_between
 from fkp_core.transforms import crop_face, face_frame, uncrop_keypoints
 
 
@@ -42,13 +42,11 @@ def measure_source(landmarker, label: str, records, every: int = 1) -> MirrorFit
         crops.append(crop)
         matrices.append(m)
         labels.append(rec.keypoints)
-    crops_a = np.stack(crops)
-    offset = fit_mirror_offset(landmarker.predict_crops, crops_a)
-    plain = np.asarray(landmarker.predict_crops(crops_a))[..., :2]
-    back = unmirror(np.asarray(landmarker.predict_crops(np.ascontiguousarray(crops_a[:, :, ::-1]))))[..., :2]
+    plain, back = both_views(landmarker.predict_crops, np.stack(crops))
+    offset = offset_between(plain, back)
     size = landmarker.size
-    dx_plain = np.mean([(uncrop_keypoints(p, m, size) - g)[:, 0].mean() for p, m, g in zip(plain, matrices, labels)])
-    dx_back = np.mean([(uncrop_keypoints(p, m, size) - g)[:, 0].mean() for p, m, g in zip(back, matrices, labels)])
+    dx_plain = np.mean([(uncrop_keypoints(p[:, :2], m, size) - g)[:, 0].mean() for p, m, g in zip(plain, matrices, labels)])
+    dx_back = np.mean([(uncrop_keypoints(p[:, :2], m, size) - g)[:, 0].mean() for p, m, g in zip(back, matrices, labels)])
     return MirrorFit(label, len(records), offset, float((dx_plain - dx_back) / 2), float(-(dx_plain + dx_back) / 2))
 
 

@@ -136,3 +136,22 @@ def ray_session():
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+def copy_model(name: str, dest: Path, **fields) -> Path:
+    """A bundled model copied to ``dest`` (.pt + .json) with JSON fields set, or removed where given None."""
+    import json
+    import shutil
+
+    from fkp_core.weights import resolve_model_path
+
+    src = resolve_model_path(name)
+    shutil.copyfile(src.with_suffix(".pt"), dest.with_suffix(".pt"))
+    meta = json.loads(src.with_suffix(".json").read_text())
+    for key, value in fields.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    dest.with_suffix(".json").write_text(json.dumps(meta))
+    return dest.with_suffix(".pt")

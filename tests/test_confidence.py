@@ -211,20 +211,14 @@ def test_each_bundled_model_carries_the_weights_fitted_with_its_scores():
 def test_the_job_scores_faces_with_the_models_own_weights(tmp_path):
     """A model whose weights call nothing a face writes no rows, through both ways a job runs the network
     (the model loaded in the process, and the ONNX graph exported once for the annotators)."""
-    import json
-    import shutil
-
+    from conftest import copy_model
     from fkp_core.onnx_network import export_network, onnx_network
     from fkp_core.segments import AnnotateSettings, annotate_video
-    from fkp_core.weights import resolve_model_path
+    from fkp_core.weights import load_model
 
-    src = resolve_model_path("fast")
-    for suffix in (".pt", ".json"):
-        shutil.copyfile(src.with_suffix(suffix), tmp_path / f"m{suffix}")
-    meta = json.loads((tmp_path / "m.json").read_text())
-    meta["face_confidence"] = {**meta["face_confidence"], "bias": -60.0, "fit_only_bias": -60.0}
-    (tmp_path / "never.json").write_text(json.dumps(meta))
-    shutil.copyfile(tmp_path / "m.pt", tmp_path / "never.pt")
+    copy_model("fast", tmp_path / "m")
+    fitted = load_model("fast").metadata["face_confidence"]
+    copy_model("fast", tmp_path / "never", face_confidence={**fitted, "bias": -60.0, "fit_only_bias": -60.0})
     for name, rows in (("m", True), ("never", False)):
         settings = AnnotateSettings.for_model(str(tmp_path / f"{name}.pt"), segment_frames=60)
         table, record = annotate_video(str(SAMPLE), settings=settings)

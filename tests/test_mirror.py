@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import copy_model
 from fkp_core.constants import FLIP_PERMUTATION, NUM_KEYPOINTS
 from fkp_core.landmarks import refined_keypoints
 from fkp_core.mirror import fit_mirror_offset, mirrored, unmirror
@@ -123,23 +124,6 @@ def test_the_last_crop_is_also_predicted_on_its_mirror_image_and_the_two_average
 # ---- the models' offsets, and the jobs ----
 
 
-def _copy_model(name: str, dest, **fields):
-    import shutil
-
-    from fkp_core.weights import resolve_model_path
-
-    src = resolve_model_path(name)
-    shutil.copyfile(src.with_suffix(".pt"), dest.with_suffix(".pt"))
-    meta = json.loads(src.with_suffix(".json").read_text())
-    for key, value in fields.items():
-        if value is None:
-            meta.pop(key, None)
-        else:
-            meta[key] = value
-    dest.with_suffix(".json").write_text(json.dumps(meta))
-    return dest.with_suffix(".pt")
-
-
 def test_each_bundled_model_carries_the_offset_fitted_with_it_and_the_landmarker_uses_it(tmp_path):
     from fkp_core.landmarks import Landmarker
     from fkp_core.weights import load_model, resolve_model_path
@@ -153,7 +137,7 @@ def test_each_bundled_model_carries_the_offset_fitted_with_it_and_the_landmarker
     assert len(set(offsets.values())) == 4
     assert Landmarker("fast").mirror_offset == offsets["fast"]
     assert Landmarker("fast", mirror=False).mirror_offset is None
-    bare = _copy_model("fast", tmp_path / "bare", mirror_offset=None)
+    bare = copy_model("fast", tmp_path / "bare", mirror_offset=None)
     assert Landmarker(bare).mirror_offset is None  # not fitted: no mirrored pass
 
 
@@ -167,8 +151,8 @@ def test_the_job_runs_the_mirrored_pass_where_the_model_has_an_offset(tmp_path):
     from conftest import PROJECT_ROOT
 
     sample = str(PROJECT_ROOT / "examples" / "sample.mp4")
-    fitted = _copy_model("fastest", tmp_path / "fitted")
-    bare = _copy_model("fastest", tmp_path / "bare", mirror_offset=None)
+    fitted = copy_model("fastest", tmp_path / "fitted")
+    bare = copy_model("fastest", tmp_path / "bare", mirror_offset=None)
     runs = {}
     for label, model, mirror in (("mirror", fitted, True), ("off", fitted, False), ("bare", bare, True)):
         settings = AnnotateSettings.for_model(str(model), segment_frames=80, annotate=AnnotateConfig(mirror=mirror))
