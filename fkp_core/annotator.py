@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fkp_core.confidence import DEFAULT_FACE_WEIGHTS, FaceConfidenceWeights, face_confidence
+from fkp_core.confidence import face_confidence
 from fkp_core.constants import MIN_FACE_CONFIDENCE, NUM_KEYPOINTS, REDETECT_CONFIDENCE
 from fkp_core.detector import FaceDetector, iou
+from fkp_core.fitted import ModelFit
 from fkp_core.landmarks import refined_keypoints
 from fkp_core.tables import FaceColumns
 from fkp_core.tracking import (
@@ -95,7 +96,7 @@ class SegmentAnnotator:
     """Annotates one segment's frames in order; keeps the segment's track state."""
 
     def __init__(self, predict_crops: PredictFn, input_size: int, margin: float, detector: FaceDetector, config: AnnotateConfig,
-                 face_weights: FaceConfidenceWeights = DEFAULT_FACE_WEIGHTS, mirror_offset: float | None = None):
+                 fit: ModelFit = ModelFit()):
         if config.detect_every < 1:
             raise ValueError("detect_every must be >= 1")
         self.predict_crops = predict_crops
@@ -103,8 +104,7 @@ class SegmentAnnotator:
         self.margin = margin
         self.detector = detector
         self.config = config
-        self.face_weights = face_weights  # the model's (its keypoint scores' scale)
-        self.mirror_offset = mirror_offset if config.mirror else None  # the model's (fkp_core.mirror)
+        self.fit = fit.mirrored(config.mirror)  # the model's: face-confidence weights, mirrored-pass offset
         self.tracker = Tracker(config.tracker)
         self.stats = SegmentStats()
         self._parts: list[FaceColumns] = []
@@ -182,7 +182,7 @@ class SegmentAnnotator:
 
         t0 = time.perf_counter()
         result = refined_keypoints(timed, grays, boxes, self.size, self.margin, angles, refine, self.config.upright,
-                                   self.mirror_offset)
+                                   self.fit.mirror_offset)
         self.stats.seconds["cnn"] += cnn
         self.stats.seconds["other"] += time.perf_counter() - t0 - cnn
         return result
@@ -193,7 +193,7 @@ class SegmentAnnotator:
         """Keypoints after ``refine`` re-crops, the face confidence of each (detector score, point scores
         and consistency of the last pass with its crop), and the point scores."""
         kps, scores, crop_boxes = self._predict(grays, boxes, angles, self.config.refine)
-        conf = [face_confidence(d, sc, self._consistency(b, k), self.face_weights) for b, k, sc, d in zip(crop_boxes, kps, scores, det_scores)]
+        conf = [face_confidence(d, sc, self._consistency(b, k), self.fit.face_weights) for b, k, sc, d in zip(crop_boxes, kps, scores, det_scores)]
         return kps, conf, scores
 
     def _frame(self, kps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -272,7 +272,7 @@ class SegmentAnnotator:
             else:
                 t_kps, t_scores = prev, np.zeros((0, NUM_KEYPOINTS), np.float32)
             t_fit = self._consistency(t_boxes, t_kps)
-            t_conf = face_confidence(prev_det, t_scores, t_fit, self.face_weights)
+            t_conf = face_confidence(prev_det, t_scores, t_fit, self.fit.face_weights)
             keep = _dedupe(t_kps, t_conf)
             t_kps, t_boxes, t_conf, t_misses, t_ids = t_kps[keep], t_boxes[keep], t_conf[keep], misses[keep], prev_ids[keep]
             t_scores, t_fit, t_det = t_scores[keep], t_fit[keep], prev_det[keep]
@@ -292,7 +292,7 @@ class SegmentAnnotator:
                 # a tracked face the detector missed stays while its fit holds, but only for a few
                 # detection frames: the fit cannot tell a face from a patch that merely looks stable
                 t_misses = np.where(matched, 0, t_misses + 1)
-                t_conf = face_confidence(t_det, t_scores, t_fit, self.face_weights)
+                t_conf = face_confidence(t_det, t_scores, t_fit, self.fit.face_weights)
                 stay = ok & (t_misses <= max_misses)
                 d_kps, d_conf, d_kscores = self._predict_refined([frame.gray], [boxes[new]], [angles[new]], [d_scores[new]])
                 out_kps = np.concatenate([t_kps[stay], d_kps[0]]).astype(np.float32)

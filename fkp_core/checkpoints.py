@@ -16,20 +16,27 @@ from torch import nn
 
 
 def save_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-               best_state: dict | None, progress: dict) -> None:
-    """A resumable checkpoint's files: ``state.pt`` (model, optimizer, schedule), ``best.pt``, ``progress.json``."""
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, folder / "state.pt")
+               best_state: dict | None, progress: dict, ema: nn.Module | None = None) -> None:
+    """A resumable checkpoint's files: ``state.pt`` (model, optimizer, schedule, the weights' moving average when the
+    run keeps one), ``best.pt``, ``progress.json``."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    torch.save(state, folder / "state.pt")
     torch.save(best_state, folder / "best.pt")
     (folder / "progress.json").write_text(json.dumps(progress))
 
 
 def load_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-               device: torch.device) -> tuple[dict, dict]:
-    """Restore what :func:`save_state` wrote into ``model``, ``optimizer`` and ``scheduler``; (best weights, progress)."""
+               device: torch.device, ema: nn.Module | None = None) -> tuple[dict, dict]:
+    """Restore what :func:`save_state` wrote into ``model``, ``optimizer``, ``scheduler`` and ``ema``; (best weights,
+    progress)."""
     state = torch.load(folder / "state.pt", map_location=device, weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     best_state = torch.load(folder / "best.pt", map_location="cpu", weights_only=True)
     return best_state, json.loads((folder / "progress.json").read_text())
 

@@ -113,12 +113,12 @@ KEYPOINT_SPREAD_FLAT = 0.572
 # (course training + HELEN: `python -m jobs.evaluate --fit-confidence`), never on AFW, with the default model's
 # keypoint scores. A model's JSON carries the weights fitted with its own scores under "face_confidence"
 # (confidence.FaceConfidenceWeights; the bundled hm, fast and fastest do); these are for models without them
-FACE_CONF_BIAS = -18.23
-FACE_CONF_DETECTOR = 8.64
-FACE_CONF_FIT = 3.50
+FACE_CONF_BIAS = -18.11
+FACE_CONF_DETECTOR = 7.65
+FACE_CONF_FIT = 6.55
 # detectors without meaningful scores (Haar): sigmoid(FIT_ONLY_BIAS + FIT_ONLY * mean keypoint score), fitted the same way
-FACE_CONF_FIT_ONLY_BIAS = -10.44
-FACE_CONF_FIT_ONLY = 20.10
+FACE_CONF_FIT_ONLY_BIAS = -11.77
+FACE_CONF_FIT_ONLY = 22.20
 FACE_DETECTOR_SCORE_CLIP = (0.01, 0.99)  # detector scores are clipped to this before the logit (Haar says 1 for all)
 FACE_FIT_UNKNOWN = 0.5  # the fit term of models without per-keypoint scores (fully connected heads)
 # jobs.annotate --min-confidence default: faces below it are dropped. Chosen on the development clips: the

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fkp_core.confidence import DEFAULT_FACE_WEIGHTS
 from fkp_core.constants import NUM_KEYPOINTS
 from fkp_core.detector import DetectorSpec, FaceDetector, make_detector
+from fkp_core.fitted import ModelFit
 from fkp_core.mirror import mirrored
 from fkp_core.transforms import crop_face, face_frame, to_gray, uncrop_keypoints
 
@@ -133,14 +133,12 @@ class Landmarker:
         self.device = resolve_device(device)
         if model is None or isinstance(model, (str, os.PathLike, Path)):
             model = load_model(model)
-        # the face confidence's weights fitted with this model (a bare network: those of the default)
-        self.face_weights = DEFAULT_FACE_WEIGHTS
-        # the refine pass on the mirrored crop (fkp_core.mirror) where the model's offset was fitted and ``mirror``
-        self.mirror_offset: float | None = None
+        # what was fitted to this model (a bare network: the default's face-confidence weights, no mirrored pass);
+        # the refine pass on the mirrored crop (fkp_core.mirror) runs where its offset was fitted and ``mirror``
+        self.fit = ModelFit()
         if isinstance(model, LoadedModel):
-            self.face_weights, self.mirror_offset, model = model.face_weights, model.mirror_offset, model.model
-        if not mirror:
-            self.mirror_offset = None
+            self.fit, model = model.fit, model.model
+        self.fit = self.fit.mirrored(mirror)
         self.model = model.eval()
         self.size = self.model.config.input_size
         self.margin = self.model.config.crop_margin
@@ -173,7 +171,7 @@ class Landmarker:
         grays = [to_gray(np.asarray(im)) for im in images]
         boxes = [np.asarray(b, dtype=np.float64).reshape(-1, 4) for b in boxes]
         return refined_keypoints(self.predict_crops, grays, boxes, self.size, self.margin, angles, self.refine, self.upright,
-                                 self.mirror_offset)
+                                 self.fit.mirror_offset)
 
     def keypoints_for_detections(self, images: Sequence[np.ndarray], detections: Sequence) -> list[np.ndarray]:
         """Keypoints for each image's :class:`~fkp_core.detector.Detections`, cropped through the detector's calibration."""

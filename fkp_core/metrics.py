@@ -34,6 +34,26 @@ def region_nme(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
     return {name: float(nme(pred, gt, list(r)).mean()) for name, r in REGIONS.items()}
 
 
+def jaw_along_across(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    """The jaw's error split into its components along and across the annotated jaw line (mean absolute component
+    over the inter-ocular distance; the line's direction at each point from its labelled neighbours).
+
+    Jaw points are defined by the face's outline and only loosely by where along it: an error across the line is a
+    misplaced outline, one along it mostly the labels' own spread, which eyes and mouth corners do not have.
+    """
+    jaw = list(REGIONS["jaw"])
+    pred = np.asarray(pred, dtype=np.float64).reshape(-1, 68, 2)[:, jaw]
+    gt = np.asarray(gt, dtype=np.float64).reshape(-1, 68, 2)
+    line = gt[:, jaw]
+    tangent = np.gradient(line, axis=1)
+    tangent /= np.maximum(np.linalg.norm(tangent, axis=-1, keepdims=True), 1e-12)
+    err = pred - line
+    along = np.abs((err * tangent).sum(-1))
+    across = np.abs(err[..., 0] * tangent[..., 1] - err[..., 1] * tangent[..., 0])
+    d = interocular(gt)[:, None]
+    return {"along": float((along / d).mean()), "across": float((across / d).mean())}
+
+
 def failure_rate(errors: np.ndarray, threshold: float = FAILURE_THRESHOLD) -> float:
     """Fraction of faces whose NME exceeds ``threshold``."""
     errors = np.asarray(errors, dtype=np.float64)
@@ -67,4 +87,5 @@ def summarize(pred: np.ndarray, gt: np.ndarray, threshold: float = FAILURE_THRES
         f"fr@{threshold:.2f}": failure_rate(errors, threshold),
         f"auc@{threshold:.2f}": auc(errors, threshold),
         "regions": region_nme(pred, gt) if errors.size else {},
+        "jaw_line": jaw_along_across(pred, gt) if errors.size else {},
     }

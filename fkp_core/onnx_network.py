@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fkp_core.confidence import DEFAULT_FACE_WEIGHTS, FaceConfidenceWeights
 from fkp_core.constants import NUM_KEYPOINTS
+from fkp_core.fitted import ModelFit
 
 if TYPE_CHECKING:
     from fkp_core.segments import Network
@@ -59,8 +59,7 @@ class ExportedNetwork:
     size: int
     margin: float
     scores: bool  # the graph's output carries each point's score
-    face_weights: FaceConfidenceWeights = DEFAULT_FACE_WEIGHTS  # fitted with this model (its JSON)
-    mirror_offset: float | None = None  # the model's, for the mirrored refine pass (its JSON)
+    fit: ModelFit = ModelFit()  # fitted with this model (its JSON)
 
 
 def export_network(model: str) -> ExportedNetwork | None:
@@ -81,8 +80,7 @@ def export_network(model: str) -> ExportedNetwork | None:
     except Exception as exc:  # noqa: BLE001 - any failure here only costs start-up time
         logging.getLogger(__name__).warning("ONNX export unavailable (%s: %s)", type(exc).__name__, exc)
         return None
-    return ExportedNetwork(data, net.config.input_size, net.config.crop_margin, net.has_scores, loaded.face_weights,
-                           loaded.mirror_offset)
+    return ExportedNetwork(data, net.config.input_size, net.config.crop_margin, net.has_scores, loaded.fit)
 
 
 def onnx_network(exported: ExportedNetwork) -> Network:
@@ -90,4 +88,4 @@ def onnx_network(exported: ExportedNetwork) -> Network:
     from fkp_core.segments import Network
 
     session = OnnxSession(exported.onnx, threads=1, scores=exported.scores)
-    return Network(session, exported.size, exported.margin, exported.face_weights, exported.mirror_offset)
+    return Network(session, exported.size, exported.margin, exported.fit)

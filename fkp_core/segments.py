@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fkp_core.confidence import DEFAULT_FACE_WEIGHTS, FaceConfidenceWeights
+from fkp_core.fitted import ModelFit
 from fkp_core.records import STAGES, Segment, SegmentResult, VideoPlan, VideoProbe, VideoRecord
 
 if TYPE_CHECKING:  # imported where used: the job imports this module before any usage check (no torch, cv2, Arrow)
@@ -143,8 +143,7 @@ class Network:
     predict: PredictFn
     size: int
     margin: float
-    face_weights: FaceConfidenceWeights = DEFAULT_FACE_WEIGHTS  # fitted with this model (its JSON)
-    mirror_offset: float | None = None  # the model's, for the mirrored refine pass (fkp_core.mirror); None: no such pass
+    fit: ModelFit = ModelFit()  # fitted with this model (its JSON): face-confidence weights, mirrored-pass offset
 
 
 def load_network(model: str, device: str = "cpu") -> Network:
@@ -163,17 +162,17 @@ def load_network(model: str, device: str = "cpu") -> Network:
 
     torch.set_num_threads(1)
     lm = Landmarker(model, detector=_NoDetector(), device=device)
-    return Network(lm.predict_crops, lm.size, lm.margin, lm.face_weights, lm.mirror_offset)
+    return Network(lm.predict_crops, lm.size, lm.margin, lm.fit)
 
 
 def remote_network(predict: PredictFn, model: str) -> Network:
     """A network that runs elsewhere (a model actor): ``predict`` is the call, the geometry comes from the file."""
     from fkp_core.model import ModelConfig
-    from fkp_core.weights import mirror_offset_of, read_metadata
+    from fkp_core.weights import read_metadata
 
     meta = read_metadata(model)
     cfg = ModelConfig.from_dict(meta["config"])
-    return Network(predict, cfg.input_size, cfg.crop_margin, FaceConfidenceWeights.from_metadata(meta), mirror_offset_of(meta))
+    return Network(predict, cfg.input_size, cfg.crop_margin, ModelFit.from_metadata(meta))
 
 
 def _sampled_frames(path: str, segment: Segment, settings: AnnotateSettings, decode, sequential: bool,
@@ -215,7 +214,7 @@ def annotate_segment(network: Network, path: str, segment: Segment, frame_size: 
 
     cv2.setNumThreads(1)
     annotator = SegmentAnnotator(network.predict, network.size, network.margin, make_detector(settings.detector), settings.annotate,
-                                 network.face_weights, network.mirror_offset)
+                                 network.fit)
     t0, cpu0 = time.perf_counter(), time.process_time()
     decode, taken = DecodeStats(), [0]
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fkp_core.augment import RandomFaceOccluder, RandomJpeg, RandomLowLight, RandomMotionBlur, RandomNonFace, RandomThreeQuarterView, UprightFaceCrop
@@ -79,6 +80,7 @@ class TrainConfig:
     upright: bool = False  # train on upright crops (eyes level) whatever the preset or --init model says
     mirror_course: bool = False  # flip course crops too (with their labels' offset), not only the 300-W sources'
     head_expand: int = 0  # add a hidden layer of this width to the heatmap read-out (ModelConfig.head_expand; 0: as is)
+    ema: float = 0.0  # decay of an exponential moving average of the weights, validated and exported instead (0: off)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def to_dict(self) -> dict:
@@ -257,13 +259,15 @@ def train_epoch(
     teacher: nn.Module | None = None,
     distill_weight: float = 0.5,
     point_sigma: bool = False,
+    ema: AveragedModel | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns mean loss, images seen and images per second.
 
     With a ``teacher`` (knowledge distillation), the loss mixes the labels with the teacher's
     predictions on the very same augmented crops: a smaller network learns the larger one's
     consistent placement rather than the frame-to-frame noise of hand labels alone. With
-    ``point_sigma`` the model's error head is fitted too (:func:`point_sigma_nll`).
+    ``point_sigma`` the model's error head is fitted too (:func:`point_sigma_nll`). An ``ema`` (:func:`weight_average`)
+    takes in the weights after every step.
     """
     model.train()
     if teacher is not None:
@@ -278,10 +282,18 @@ def train_epoch(
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model.module if hasattr(model, "module") else model)
         total += float(loss.detach()) * len(images)
         count += len(images)
     seconds = time.perf_counter() - start
     return {"loss": total / max(count, 1), "images": count, "images_per_s": count / max(seconds, 1e-9)}
+
+
+def weight_average(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of ``model``'s weights and batch-norm statistics (torch's own): on small, noisy
+    data the average of the last few hundred steps generalises better than the last step's weights."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 @torch.inference_mode()
@@ -411,7 +423,7 @@ def initial_model(cfg: TrainConfig, log: logging.Logger | None = None) -> nn.Mod
         model = load_model(cfg.init).model.train()
         if cfg.upright:
             model.config = replace(model.config, upright=True)
-        return _frozen(_grown(model, cfg, cfg.init), cfg, log)
+        return _frozen(_grown(_resized(model, cfg.input_size, cfg.init), cfg, cfg.init), cfg, log)
     overrides = {"input_size": cfg.input_size} if cfg.input_size else {}
     if cfg.point_sigma:
         overrides["point_sigma"] = True
@@ -451,6 +463,20 @@ def _grown(model: nn.Module, cfg: TrainConfig, name: str) -> nn.Module:
     if unexpected or any(not k.startswith(new) for k in missing):
         raise ValueError(f"cannot add {' and '.join(grow)} to {name}: {missing + unexpected}")
     return fresh.train()
+
+
+def _resized(model: nn.Module, input_size: int | None, name: str) -> nn.Module:
+    """A release model at another input size, every weight kept: a backbone with a heatmap head is convolutional
+    throughout (its soft-argmax grid follows the size), so it can be fine-tuned on larger or smaller crops."""
+    from fkp_core.model import build_model
+
+    if not input_size or input_size == model.config.input_size:
+        return model
+    if model.config.backbone == "resnet":
+        raise ValueError(f"{name}: only a model with a pretrained backbone (mnv2, lite0) can change its input size")
+    resized = build_model(model.config, input_size=input_size)
+    resized.load_state_dict(model.state_dict())
+    return resized.train()
 
 
 def _frozen(model: nn.Module, cfg: TrainConfig, log: logging.Logger | None) -> nn.Module:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fkp_core.confidence import FaceConfidenceWeights
+from fkp_core.fitted import ModelFit
 from fkp_core.model import KeypointNet, ModelConfig
 
 FORMAT = "fkp-keypoints/1"
@@ -43,20 +43,9 @@ class LoadedModel:
     path: Path
 
     @property
-    def face_weights(self) -> FaceConfidenceWeights:
-        """The face confidence's weights fitted with this model (its keypoint scores' scale)."""
-        return FaceConfidenceWeights.from_metadata(self.metadata)
-
-    @property
-    def mirror_offset(self) -> float | None:
-        """The model's horizontal offset for the mirrored pass (:mod:`fkp_core.mirror`); None: not fitted, no mirrored pass."""
-        return mirror_offset_of(self.metadata)
-
-
-def mirror_offset_of(metadata: dict[str, Any]) -> float | None:
-    """``"mirror_offset"`` of a model's JSON (crop units), None where it has none."""
-    value = metadata.get("mirror_offset")
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    def fit(self) -> ModelFit:
+        """What was fitted to this model after training (its JSON): face-confidence weights, mirrored-pass offset."""
+        return ModelFit.from_metadata(self.metadata)
 
 
 def _paths(path: str | os.PathLike) -> tuple[Path, Path]:

@@ -257,7 +257,7 @@ def run_report(landmarker, sources: list, spec, args, out_dir: str | None) -> di
         report["fitted"] = fit_all(landmarker, all_data, spread_data)
     curves = {}
     for label, data in per_source.items():
-        rep = summarize(data, landmarker.face_weights)
+        rep = summarize(data, landmarker.fit.face_weights)
         report["sources"][label] = rep
         curves[f"{label} AUC {rep['auc_confidence']:.3f}" if rep["auc_confidence"] is not None else label] = (rep["roc"]["fpr"], rep["roc"]["tpr"])
         print(f"{label:>10}: {rep['detections']} detections ({rep['matched']} matched) | ROC AUC "
@@ -265,5 +265,5 @@ def run_report(landmarker, sources: list, spec, args, out_dir: str | None) -> di
         for row in rep["calibration"]:
             print(f"{'':>12}score {row['bin']}: {row['points']} points, error {row['point_error']}, {row['faces']} faces, NME {row['face_nme']}")
     if out_dir:
-        write_report(out_dir, report, curves, per_source, landmarker.face_weights)
+        write_report(out_dir, report, curves, per_source, landmarker.fit.face_weights)
     return report

@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "model": str(loaded.path), "model_sha256": loaded.metadata.get("sha256"), "detector": asdict(spec),
         "upright": not args.no_upright, "refine": args.refine,
-        "mirror_offset": lm.mirror_offset, "threshold": args.threshold,
+        "mirror_offset": lm.fit.mirror_offset, "threshold": args.threshold,
         "command": args.command,
         "sources": {},
     }

@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--download-url", default=PUBLIC_ARCHIVE_URL, help="archive to fetch with --download (http(s):// or file://)")
     g = p.add_argument_group("model and optimisation")
     g.add_argument("--model", default=None, choices=sorted(MODEL_PRESETS), help=f"network preset (fkp_core.model.MODEL_PRESETS; default: {d.model})")
-    g.add_argument("--input-size", type=positive_int, default=None, help="crop side in pixels (default: the preset's)")
+    g.add_argument("--input-size", type=positive_int, default=None,
+                   help="crop side in pixels (default: the preset's, or the --init model's; an --init model with a "
+                        "pretrained backbone can be fine-tuned at another size)")
     g.add_argument("--init", default=None, metavar="MODEL",
                    help="start from the weights of a release model (NAME.pt with NAME.json beside it, or a bundled one by "
                         "name: 'bundled' or 'default', 'hm', 'fast', 'fastest'), to fine-tune it on more data; its architecture replaces --model and --input-size "
@@ -118,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head-expand", type=non_negative_int, default=0, metavar="C",
                    help="widen the heatmap read-out with a hidden 1x1 layer of C channels beside it (0: none); added to an "
                         "--init model at zero, so training starts from its predictions")
+    g.add_argument("--ema", type=Ranged(float, 0, 1, high_open=True), default=d.ema, metavar="DECAY",
+                   help="keep an exponential moving average of the weights (decay per step, e.g. 0.995: about the last 200 "
+                        "steps) and validate, keep and export it instead of the last step's weights (0: off)")
     g.add_argument("--upright", action="store_true",
                    help="train on upright crops (eyes level, turned by up to --rotation degrees), the view the annotator "
                         "gives every model; the ImageNet presets always train so (with --init: from now on)")
@@ -258,6 +263,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         split_records,
         train_epoch,
         validation_nme,
+        weight_average,
     )
 
     cfg = TrainConfig.from_dict(config["train"])
@@ -285,7 +291,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(preset)  # moves to the worker's device, wraps in DDP when world > 1
     core = model.module if hasattr(model, "module") else model
     optimizer, scheduler = make_optimizer(model, cfg, len(train_loader))
-    start_epoch, best, best_state = _resume(config, core, optimizer, scheduler, device, wlog if rank == 0 else None)
+    ema = weight_average(core, cfg.ema) if cfg.ema else None
+    evaluated = ema.module if ema is not None else core  # the weights validated, kept as the best and exported
+    start_epoch, best, best_state = _resume(config, core, optimizer, scheduler, device, wlog if rank == 0 else None, ema)
 
     train_names = [s.label for s in train_sources]
     counts = {"train": len(train_records), "val": len(val_records)}
@@ -293,12 +301,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
         stats = train_epoch(model, train_loader, optimizer, scheduler, cfg.loss, device, teacher, cfg.distill_weight,
-                            core.config.point_sigma)
-        per_source = validation_nme(core, val_loader, device, val_ds.sources)
+                            core.config.point_sigma, ema)
+        per_source = validation_nme(evaluated, val_loader, device, val_ds.sources)
         metrics = epoch_metrics(epoch, stats, per_source, train_names, world, scheduler.get_last_lr()[0])
         improved = metrics[SELECTION_METRIC] < best[SELECTION_METRIC]
         if improved:
-            best, best_state = best_record(metrics), cpu_state(core)
+            best, best_state = best_record(metrics), cpu_state(evaluated)
         if rank == 0:
             wlog.info(
                 "epoch %d/%d  loss %.4f  val NME %s  %s%.0f img/s",
@@ -307,7 +315,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
             progress = {"epoch": epoch, "best": best, "train": config["train"], "model_config": core.config.to_dict(),
                         "counts": counts}
-            _report_with_checkpoint(metrics, core, optimizer, scheduler, best_state, progress)
+            _report_with_checkpoint(metrics, core, optimizer, scheduler, best_state, progress, ema)
         else:
             ray.train.report(metrics)
 
@@ -318,7 +326,8 @@ def _sources(dicts: list[dict]) -> list:
     return [DataSource(**{**s, "path": Path(s["path"])}) for s in dicts]
 
 
-def _resume(config: dict[str, Any], core, optimizer, scheduler, device, wlog: logging.Logger | None) -> tuple[int, dict, dict | None]:
+def _resume(config: dict[str, Any], core, optimizer, scheduler, device, wlog: logging.Logger | None,
+            ema=None) -> tuple[int, dict, dict | None]:
     """(first epoch, best epoch so far, its weights): from the run's last checkpoint, else a fresh start."""
     import ray.train
 
@@ -328,7 +337,7 @@ def _resume(config: dict[str, Any], core, optimizer, scheduler, device, wlog: lo
     if not checkpoint:
         return 0, {"epoch": -1, SELECTION_METRIC: float("inf")}, None
     with checkpoint.as_directory() as ckdir:
-        best_state, meta = load_state(Path(ckdir), core, optimizer, scheduler, device)
+        best_state, meta = load_state(Path(ckdir), core, optimizer, scheduler, device, ema)
     if meta["train"] != json.loads(json.dumps(config["train"])):
         raise RuntimeError("the checkpoint under this --storage/--name was made with other settings: use another --name")
     if wlog is not None:
@@ -337,13 +346,14 @@ def _resume(config: dict[str, Any], core, optimizer, scheduler, device, wlog: lo
     return meta["epoch"] + 1, meta["best"], best_state
 
 
-def _report_with_checkpoint(metrics: dict, core, optimizer, scheduler, best_state: dict | None, progress: dict) -> None:
+def _report_with_checkpoint(metrics: dict, core, optimizer, scheduler, best_state: dict | None, progress: dict,
+                            ema=None) -> None:
     import ray.train
 
     from fkp_core.checkpoints import save_state
 
     with tempfile.TemporaryDirectory() as tmp:
-        save_state(Path(tmp), core, optimizer, scheduler, best_state, progress)
+        save_state(Path(tmp), core, optimizer, scheduler, best_state, progress, ema)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -365,10 +375,21 @@ def _resolve_init(args: argparse.Namespace) -> tuple[str | None, dict | None]:
     """``--init`` as an absolute model path (checked loadable here, not in a worker), and its metadata."""
     if args.init is None:
         return None, None
-    if args.model is not None or args.input_size is not None:
-        raise UsageError("--init takes the architecture from the model file: leave out --model and --input-size")
+    if args.model is not None:
+        raise UsageError("--init takes the architecture from the model file: leave out --model")
     path = _release_model_path(args.init)
-    return str(path), load_model_arg(path, flag="--init").metadata
+    meta = load_model_arg(path, flag="--init").metadata
+    if args.input_size is not None:
+        from fkp_core.model import ModelConfig
+
+        try:
+            ModelConfig.from_dict({**meta["config"], "input_size": args.input_size})
+        except ValueError as exc:
+            raise UsageError(f"--input-size {args.input_size} does not fit the --init model: {exc}") from None
+        if meta["config"].get("backbone", "resnet") == "resnet":
+            raise UsageError("--input-size with --init needs a model with a pretrained backbone (mnv2, lite0): "
+                             "the others' dense layers are sized for their crops")
+    return str(path), meta
 
 
 def _check_pretrained(args: argparse.Namespace, parent: dict | None) -> None:
@@ -547,6 +568,7 @@ def _train_config(args: argparse.Namespace, init: str | None, distill: str | Non
         pretrained=args.pretrained, freeze_stride=args.freeze_stride, occluders=args.occluders, low_light=args.low_light, motion_blur=args.motion_blur, jpeg=args.jpeg,
         three_quarter=args.three_quarter,
         point_sigma=args.point_sigma, nonface=args.nonface, upright=args.upright, mirror_course=args.mirror_course, head_expand=args.head_expand,
+        ema=args.ema,
         augment=replace(AugmentConfig(), rotation=args.rotation, occlusion=args.occlusion, flip=args.flip, photometric=not args.no_photometric),
     )
 

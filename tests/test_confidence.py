@@ -196,16 +196,16 @@ def test_each_bundled_model_carries_the_weights_fitted_with_its_scores():
     from fkp_core.confidence import DEFAULT_FACE_WEIGHTS, FaceConfidenceWeights
     from fkp_core.weights import load_model, resolve_model_path
 
-    assert load_model("default").face_weights == DEFAULT_FACE_WEIGHTS
+    assert load_model("default").fit.face_weights == DEFAULT_FACE_WEIGHTS
     seen = set()
     for name in ("hm", "fast", "fastest"):
         fitted = json.loads(resolve_model_path(name).with_suffix(".json").read_text())["face_confidence"]
-        weights = load_model(name).face_weights
+        weights = load_model(name).fit.face_weights
         assert weights == FaceConfidenceWeights(**{k: fitted[k] for k in ("bias", "detector", "fit", "fit_only_bias", "fit_only")})
         assert weights != DEFAULT_FACE_WEIGHTS and "--fit-confidence" in fitted["measured"]
         seen.add(weights)
     assert len(seen) == 3
-    assert Landmarker("fast").face_weights == load_model("fast").face_weights
+    assert Landmarker("fast").fit.face_weights == load_model("fast").fit.face_weights
 
 
 def test_the_job_scores_faces_with_the_models_own_weights(tmp_path):
@@ -225,5 +225,5 @@ def test_the_job_scores_faces_with_the_models_own_weights(tmp_path):
         assert record.status == "ok" and (table.num_rows > 0) == rows, (name, table.num_rows)
         exported = export_network(str(tmp_path / f"{name}.pt"))
         if exported is not None:
-            assert onnx_network(exported).face_weights == exported.face_weights
-            assert (exported.face_weights.bias == -60.0) == (not rows)
+            assert onnx_network(exported).fit == exported.fit
+            assert (exported.fit.face_weights.bias == -60.0) == (not rows)

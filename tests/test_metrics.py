@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from conftest import mean_face
-from fkp_core.metrics import auc, ced, failure_rate, interocular, nme, region_nme, summarize
+from fkp_core.metrics import auc, ced, failure_rate, interocular, jaw_along_across, nme, region_nme, summarize
 
 
 def test_nme_hand_computed():
@@ -36,6 +36,23 @@ def test_region_nme_and_summary():
     assert regions["mouth"] == pytest.approx(5 / interocular(gt)[0])
     s = summarize(pred, gt)
     assert s["faces"] == 1 and s["nme"] == pytest.approx(5 * 20 / 68 / interocular(gt)[0])
+
+
+def test_the_jaw_error_splits_along_and_across_its_line():
+    gt = mean_face(100)[None].astype(np.float64)
+    jaw = gt[0, :17]
+    tangent = np.gradient(jaw, axis=0)
+    tangent /= np.linalg.norm(tangent, axis=-1, keepdims=True)
+    normal = tangent @ np.array([[0.0, 1.0], [-1.0, 0.0]])  # the tangent turned a quarter
+    iod = interocular(gt)[0]
+    for shift, along, across in ((tangent, 3.0, 0.0), (normal, 0.0, 3.0), ((tangent + normal) / np.sqrt(2), 3 / np.sqrt(2), 3 / np.sqrt(2))):
+        pred = gt.copy()
+        pred[0, :17] += 3.0 * shift
+        pred[0, 17:] += 9.0  # the other points do not count
+        split = jaw_along_across(pred, gt)
+        assert split["along"] == pytest.approx(along / iod) and split["across"] == pytest.approx(across / iod)
+        assert np.hypot(split["along"], split["across"]) == pytest.approx(region_nme(pred, gt)["jaw"])
+    assert summarize(pred, gt)["jaw_line"] == split
 
 
 def test_failure_rate_ced_auc():

@@ -124,6 +124,19 @@ def test_the_last_crop_is_also_predicted_on_its_mirror_image_and_the_two_average
 # ---- the models' offsets, and the jobs ----
 
 
+def test_a_models_fitted_values_come_from_its_json_with_defaults_for_what_it_lacks():
+    from fkp_core.confidence import DEFAULT_FACE_WEIGHTS
+    from fkp_core.fitted import ModelFit
+
+    assert ModelFit.from_metadata({}) == ModelFit() == ModelFit(DEFAULT_FACE_WEIGHTS, None)
+    fit = ModelFit.from_metadata({"mirror_offset": 0.0125, "face_confidence": {"bias": -3.0, "fit_only": 2.5}})
+    assert fit.mirror_offset == 0.0125 and fit.face_weights.bias == -3.0 and fit.face_weights.fit_only == 2.5
+    assert fit.face_weights.detector == DEFAULT_FACE_WEIGHTS.detector
+    for junk in (True, "0.01", None, [0.01]):
+        assert ModelFit.from_metadata({"mirror_offset": junk}).mirror_offset is None
+    assert fit.mirrored(True) == fit and fit.mirrored(False) == ModelFit(fit.face_weights, None)
+
+
 def test_each_bundled_model_carries_the_offset_fitted_with_it_and_the_landmarker_uses_it(tmp_path):
     from fkp_core.landmarks import Landmarker
     from fkp_core.weights import load_model, resolve_model_path
@@ -132,13 +145,13 @@ def test_each_bundled_model_carries_the_offset_fitted_with_it_and_the_landmarker
     for name in ("default", "hm", "fast", "fastest"):
         meta = json.loads(resolve_model_path(name).with_suffix(".json").read_text())
         assert "--fit-mirror" in meta["mirror_offset_measured"]
-        offsets[name] = load_model(name).mirror_offset
+        offsets[name] = load_model(name).fit.mirror_offset
         assert offsets[name] == meta["mirror_offset"] and 0 < offsets[name] < 0.05  # about a pixel, to the right
     assert len(set(offsets.values())) == 4
-    assert Landmarker("fast").mirror_offset == offsets["fast"]
-    assert Landmarker("fast", mirror=False).mirror_offset is None
+    assert Landmarker("fast").fit.mirror_offset == offsets["fast"]
+    assert Landmarker("fast", mirror=False).fit.mirror_offset is None
     bare = copy_model("fast", tmp_path / "bare", mirror_offset=None)
-    assert Landmarker(bare).mirror_offset is None  # not fitted: no mirrored pass
+    assert Landmarker(bare).fit.mirror_offset is None  # not fitted: no mirrored pass
 
 
 def test_the_job_runs_the_mirrored_pass_where_the_model_has_an_offset(tmp_path):
@@ -165,8 +178,8 @@ def test_the_job_runs_the_mirrored_pass_where_the_model_has_an_offset(tmp_path):
     np.testing.assert_array_equal(runs["off"], runs["bare"])
     exported = export_network(str(fitted))
     if exported is not None:
-        assert exported.mirror_offset == onnx_network(exported).mirror_offset == json.loads(fitted.with_suffix(".json").read_text())["mirror_offset"]
-        assert export_network(str(bare)).mirror_offset is None
+        assert exported.fit.mirror_offset == onnx_network(exported).fit.mirror_offset == json.loads(fitted.with_suffix(".json").read_text())["mirror_offset"]
+        assert export_network(str(bare)).fit.mirror_offset is None
 
 
 def test_fit_mirror_measures_the_offsets_of_each_source(tmp_path, capsys):

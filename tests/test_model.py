@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -312,6 +313,26 @@ def test_a_wider_read_out_joins_a_trained_model_without_moving_its_points_and_ro
     np.testing.assert_allclose(OnnxPredictor(loaded.model, threads=1)(x[:, 0].numpy()), moved.numpy(), atol=1e-5)
     with pytest.raises(ValueError, match="already has a heatmap read-out of width 16"):
         initial_model(TrainConfig(init=str(path), head_expand=32))
+
+
+def test_a_model_with_a_backbone_fine_tunes_at_another_input_size_with_every_weight_kept(tmp_path):
+    from fkp_core.training import TrainConfig, initial_model
+
+    torch.manual_seed(0)
+    base = build_model("mnv2", input_size=64, point_sigma=True).eval()
+    parent = save_model(base, tmp_path / "parent", {"note": "parent"})
+    resized = initial_model(TrainConfig(init=str(parent), input_size=96)).eval()
+    assert resized.config == replace(base.config, input_size=96)
+    for name, value in base.state_dict().items():
+        torch.testing.assert_close(resized.state_dict()[name], value)
+    assert resized.head._grid.numel() == 96 // 8
+    with torch.no_grad():
+        out = resized(torch.rand(2, 1, 96, 96), scores=True)
+    assert out.shape == (2, 68, 3) and torch.isfinite(out).all() and out[..., :2].abs().max() <= 1
+    assert initial_model(TrainConfig(init=str(parent), input_size=64)).config == base.config
+    plain = save_model(build_model("tiny"), tmp_path / "plain", {"note": "dense head"})
+    with pytest.raises(ValueError, match="only a model with a pretrained backbone"):
+        initial_model(TrainConfig(init=str(plain), input_size=96))
 
 
 def test_freezing_keeps_early_layers_and_their_batch_norms():

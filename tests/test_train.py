@@ -44,7 +44,7 @@ def test_two_worker_run_makes_a_loadable_model_from_mixed_sources(ray_session, c
     helen = make_ibug_dataset(tmp_path / "helen", n=10)
     out = tmp_path / "model"
     code = _main(train, ["--data", f"course:{course}", "--data", f"ibug:{helen}@2", "--epochs", "2", "--output", out,
-                         "--name", "t", *TINY])
+                         "--name", "t", "--ema", "0.9", *TINY])
     assert code == 0
     time.sleep(1.5)  # worker logs reach the driver asynchronously
     logs = capfd.readouterr()
@@ -55,6 +55,7 @@ def test_two_worker_run_makes_a_loadable_model_from_mixed_sources(ray_session, c
     assert meta["trained"]["workers"] == 2 and meta["trained"]["epochs_run"] == 2
     assert set(meta["metrics"]["validation"]) >= {"val_nme", "val_nme/course", "val_nme/helen"}
     assert [s["weight"] for s in meta["trained"]["sources"]] == [1.0, 2.0]
+    assert meta["trained"]["train_config"]["ema"] == 0.9  # validated and exported: the weights' moving average
     assert "jobs.train" in meta["trained"]["command"]
     with torch.no_grad():
         assert loaded.model(torch.rand(1, 1, 64, 64)).shape == (1, 68, 2)
@@ -123,7 +124,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(course, tmp_path):
     """SIGKILL after Ray has registered checkpoints, then the same command again: it continues, not restarts."""
     out = tmp_path / "model"
     cmd = [sys.executable, "-m", "jobs.train", "--data", f"course:{course}", "--epochs", "40", "--output", str(out),
-           "--name", "r", *[a for a in TINY if a not in ("--num-workers", "2")], "--num-workers", "1"]
+           "--name", "r", "--ema", "0.9", *[a for a in TINY if a not in ("--num-workers", "2")], "--num-workers", "1"]
     env = {**os.environ, "FKP_RAY_TEMP_DIR": f"/tmp/fkp-rt-train-{os.getpid()}"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -188,8 +189,11 @@ def test_download_rejects_bad_archives(tmp_path):
         (["--data", "{course}", "--lr", "fast"], "invalid float value"),
         (["--data", "{course}", "--init", "{tmp}/none.pt"], "model file not found"),
         (["--data", "{course}", "--init", "bundled", "--model", "tiny"], "leave out --model"),
+        (["--data", "{course}", "--init", "hm", "--input-size", "128"], "needs a model with a pretrained backbone"),
+        (["--data", "{course}", "--init", "default", "--input-size", "100"], "does not fit the --init model"),
         (["--data", "{course}", "--distill", "{tmp}/none.pt"], "model file not found"),
         (["--data", "{course}", "--distill", "bundled", "--distill-weight", "0"], "--distill-weight"),
+        (["--data", "{course}", "--ema", "1"], "--ema"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(tmp_path, capsys, course, argv, message):

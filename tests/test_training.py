@@ -259,3 +259,44 @@ def test_error_head_learns_which_crops_have_no_face_and_never_moves_the_points()
         scores = model(images, scores=True)[..., 2]
     assert log_sd[16:].mean() > log_sd[:16].mean() + 1.0  # non-faces: far larger expected errors
     assert torch.isfinite(scores).all() and scores[:16].mean() >= scores[16:].mean()
+
+
+class _Recorder:
+    """A stand-in scheduler that records the weights after every optimizer step (train_epoch steps it right after)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.states = model, []
+
+    def step(self) -> None:
+        self.states.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+
+
+def test_the_weight_average_is_the_exponential_average_of_every_step(tmp_path):
+    from fkp_core.checkpoints import load_state, save_state
+    from fkp_core.training import weight_average
+
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.rand(24, 1, 64, 64), torch.rand(24, 68, 2) * 2 - 1, torch.zeros(24, dtype=torch.long)),
+                        batch_size=8)
+    model = build_model("tiny")
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ema, record, decay = weight_average(model, 0.6), _Recorder(model), 0.6
+    for _ in range(2):
+        train_epoch(model, loader, opt, record, "l1", torch.device("cpu"), ema=ema)
+    assert len(record.states) == 6
+    for name, value in ema.module.state_dict().items():
+        if not value.is_floating_point():
+            continue
+        expected = record.states[0][name]  # the first step's weights start the average
+        for state in record.states[1:]:
+            expected = decay * expected + (1 - decay) * state[name]
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ema.module.stem[0].weight, model.stem[0].weight)  # it lags the last step
+    # a checkpoint keeps the average: a resumed run goes on from it
+    save_state(tmp_path, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), None, {"epoch": 1}, ema)
+    resumed = weight_average(build_model("tiny"), decay)
+    other = build_model("tiny")
+    load_state(tmp_path, other, torch.optim.SGD(other.parameters(), lr=0.5),
+               torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), torch.device("cpu"), resumed)
+    for name, value in ema.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value)
