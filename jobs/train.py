@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "pretrained backbone can be fine-tuned at another size)")
     g.add_argument("--init", default=None, metavar="MODEL",
                    help="start from the weights of a release model (NAME.pt with NAME.json beside it, or a bundled one by "
-                        "name: 'bundled' or 'default', 'hm', 'fast', 'fastest'), to fine-tune it on more data; its architecture replaces --model and --input-size "
+                        "name: 'bundled' or 'default', 'hm', 'fast', 'fastest'), to fine-tune it on more data; its architecture replaces --model (and --input-size, unless given) "
                         "(default: random initialisation)")
     g.add_argument("--distill", default=None, metavar="MODEL",
                    help="knowledge distillation: a release model (path, or 'bundled'/'default', 'hm', 'fast', 'fastest') whose predictions on the same "
