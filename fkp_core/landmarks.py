@@ -21,7 +21,7 @@ import numpy as np
 from fkp_core.constants import NUM_KEYPOINTS
 from fkp_core.detector import DetectorSpec, FaceDetector, make_detector
 from fkp_core.fitted import ModelFit
-from fkp_core.mirror import mirrored
+from fkp_core.mirror import averaged
 from fkp_core.transforms import crop_face, face_frame, to_gray, uncrop_keypoints
 
 if TYPE_CHECKING:  # torch only where a model is loaded: the crop-and-map functions serve annotators that run ONNX bytes
@@ -93,15 +93,12 @@ def refined_keypoints(
     the last crop is also predicted on its mirror image, and the two predictions are averaged. Returns
     keypoints, the points' scores (of the mirrored pass where there is one) and the crop boxes (Ni, 4) of
     the last crop (what the fit's consistency is measured against)."""
-    kps, scores = keypoints_and_scores_for_boxes(predict_crops, grays, boxes, size, margin, angles)
-    for _ in range(refine):
-        frames = [face_frame(k, upright) if len(k) else (b, np.zeros(len(b))) for k, b in zip(kps, boxes)]
-        boxes, angles = [f[0] for f in frames], [f[1] for f in frames]
-        kps, scores = keypoints_and_scores_for_boxes(predict_crops, grays, boxes, size, margin, angles)
-    if mirror_offset is not None:
-        plain = kps
-        kps, scores = keypoints_and_scores_for_boxes(mirrored(predict_crops, mirror_offset), grays, boxes, size, margin, angles)
-        kps = [((a + b) / 2).astype(np.float32) for a, b in zip(plain, kps)]
+    last = predict_crops if mirror_offset is None else averaged(predict_crops, mirror_offset)
+    for i in range(refine + 1):
+        if i:
+            frames = [face_frame(k, upright) if len(k) else (b, np.zeros(len(b))) for k, b in zip(kps, boxes)]
+            boxes, angles = [f[0] for f in frames], [f[1] for f in frames]
+        kps, scores = keypoints_and_scores_for_boxes(last if i == refine else predict_crops, grays, boxes, size, margin, angles)
     return kps, scores, list(boxes)
 
 

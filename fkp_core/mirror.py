@@ -42,6 +42,20 @@ def mirrored(predict: PredictFn, offset: float) -> PredictFn:
     return predict_mirrored
 
 
+def averaged(predict: PredictFn, offset: float) -> PredictFn:
+    """``predict`` on each crop and on its mirror image mapped back (:func:`mirrored`), the points averaged and the
+    scores the mirror image's: the mirrored pass over one set of crops, cut once."""
+    predict_back = mirrored(predict, offset)
+
+    def predict_averaged(crops: np.ndarray) -> np.ndarray:
+        plain = np.asarray(predict(crops))
+        out = predict_back(crops)
+        out[..., :2] = (plain[..., :2] + out[..., :2]) / 2.0
+        return out
+
+    return predict_averaged
+
+
 def both_views(predict: PredictFn, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The predictions on each crop and on its mirror image mapped back without an offset: what the fits compare."""
     crops = np.asarray(crops)
