@@ -33,6 +33,8 @@ RIGHT_EYE_OUTER = 36
 LEFT_EYE_OUTER = 45
 NOSE_TIP = 30
 CHIN = 8
+JAW_RIGHT_END = 0  # the jaw line's end at the subject's right ear
+JAW_LEFT_END = 16
 MOUTH_RIGHT = 48
 MOUTH_LEFT = 54
 

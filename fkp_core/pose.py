@@ -153,6 +153,18 @@ def head_pose(keypoints: np.ndarray, frame_size: tuple[int, int], config: PoseCo
     return out
 
 
+def turn_index(keypoints: np.ndarray) -> np.ndarray:
+    """How far each face is turned left or right, from its 2D keypoints alone: the nose tip's offset from the middle
+    of the jaw's two ends in half jaw widths, its size clipped to 1 (0: frontal; 1: the nose over a jaw end, a profile).
+    Camera-free and cheap, for sorting many labelled faces by pose (``keypoints``: (N, 68, 2)); :func:`head_pose`
+    gives angles."""
+    kps = np.asarray(keypoints, dtype=np.float64)
+    right, left, tip = kps[:, C.JAW_RIGHT_END], kps[:, C.JAW_LEFT_END], kps[:, C.NOSE_TIP]
+    width = np.linalg.norm(left - right, axis=1)
+    along = np.einsum("ij,ij->i", tip - (left + right) / 2, left - right) / np.maximum(width, 1e-9)
+    return np.clip(np.abs(along) / np.maximum(width / 2, 1e-9), 0.0, 1.0)
+
+
 def _bgr_copy(frame: np.ndarray) -> np.ndarray:
     """A BGR uint8 copy of a gray, BGR or BGRA frame (floats in [0, 1] scaled to 0..255)."""
     img = np.asarray(frame)

@@ -22,6 +22,8 @@ from fkp_core.augment import RandomFaceOccluder, RandomJpeg, RandomLowLight, Ran
 from fkp_core.constants import NONFACE_ERROR, POINT_SIGMA_LR_SCALE, SELECTION_METRIC
 from fkp_core.dataset import DatasetError, DataSource, Record, read_image, split_by_identity
 from fkp_core.metrics import nme
+from fkp_core.mirror import unmirror
+from fkp_core.pose import turn_index
 from fkp_core.transforms import (
     CROP_MARGIN,
     AugmentConfig,
@@ -55,6 +57,7 @@ class TrainConfig:
     init: str | None = None  # start from this release model's weights (and architecture): fine-tuning
     distill: str | None = None  # teacher release model: also fit its predictions on the same crops
     distill_weight: float = 0.5  # share of the loss that is the teacher's (the rest: the labels)
+    distill_mirror: bool = False  # the teacher teaches its mirrored pass (Teacher.mirror_offset), not one look
     epochs: int = 120
     batch_size: int = 64  # per worker
     lr: float = 2e-3
@@ -80,6 +83,7 @@ class TrainConfig:
     upright: bool = False  # train on upright crops (eyes level) whatever the preset or --init model says
     mirror_course: bool = False  # flip course crops too (with their labels' offset), not only the 300-W sources'
     head_expand: int = 0  # add a hidden layer of this width to the heatmap read-out (ModelConfig.head_expand; 0: as is)
+    pose_balance: float = 0.0  # draw turned faces up to 1 + this times as often as frontal ones (pose_balanced)
     ema: float = 0.0  # decay of an exponential moving average of the weights, validated and exported instead (0: off)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -169,6 +173,21 @@ def source_weights(records: Sequence[Record], weights: dict[str, float]) -> list
     return [weights.get(r.source, 1.0) / total / counts[r.source] for r in records]
 
 
+def pose_balanced(weights: Sequence[float], records: Sequence[Record], strength: float) -> list[float]:
+    """Per-sample weights that draw a face ``1 + strength * turn`` times as often as a frontal one of its source
+    (``turn``: :func:`fkp_core.pose.turn_index`), each source keeping its share of the epoch: turned faces are the
+    fewest in the training sources and cost the most error in the wild."""
+    base = np.asarray(weights, dtype=np.float64)
+    if strength == 0 or not len(records):
+        return base.tolist()
+    boosted = base * (1 + strength * turn_index(np.stack([r.keypoints for r in records])))
+    sources = np.array([r.source for r in records])
+    for name in np.unique(sources):
+        here = sources == name
+        boosted[here] *= base[here].sum() / boosted[here].sum()
+    return boosted.tolist()
+
+
 def wing_loss(pred: torch.Tensor, target: torch.Tensor, w: float = 0.2, eps: float = 0.04) -> torch.Tensor:
     """Wing loss (Feng et al. 2018) in [-1, 1] crop units: log-shaped near zero so small errors keep a gradient."""
     x = (pred - target).abs()
@@ -231,8 +250,28 @@ def teacher_view(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
+@dataclass(frozen=True)
+class Teacher:
+    """A distillation teacher: a release network in eval mode without gradients and, when set, the offset of its
+    mirrored pass (``mirror_offset``), so that what it teaches is its prediction averaged over each crop and the
+    crop's mirror image (:func:`fkp_core.mirror.averaged`): what the job gives, not one look."""
+
+    model: nn.Module
+    mirror_offset: float | None = None
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Its points (N, 68, 2) on the student's crops (N, 1, S, S), in the same [-1, 1] frame."""
+        view = teacher_view(images, self.model.config.input_size)
+        points = self.model(view)[..., :2]
+        if self.mirror_offset is None:
+            return points
+        back = unmirror(self.model(view.flip(-1))[..., :2].cpu().numpy(), self.mirror_offset)
+        return (points + torch.from_numpy(back).to(points.device)) / 2
+
+
 def batch_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, loss_fn, point_sigma: bool,
-               teacher: nn.Module | None = None, distill_weight: float = 0.5) -> torch.Tensor:
+               teacher: Teacher | None = None, distill_weight: float = 0.5) -> torch.Tensor:
     """A batch's training loss: positions on the crops that hold a face (labels, and the teacher's predictions
     when distilling), plus the error head's likelihood over all crops when the model has one."""
     out = model(images, log_sd=True) if point_sigma else model(images)
@@ -241,8 +280,7 @@ def batch_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, lo
     any_face = bool(face.any())
     loss = loss_fn(pred[face], targets[face]) if any_face else pred.sum() * 0.0
     if teacher is not None and any_face:
-        with torch.no_grad():
-            taught = teacher(teacher_view(images[face], teacher.config.input_size))[..., :2]
+        taught = teacher(images[face])
         loss = (1 - distill_weight) * loss + distill_weight * loss_fn(pred[face], taught)
     if point_sigma:
         loss = loss + point_sigma_nll(out[..., 2], pred, targets)
@@ -256,7 +294,7 @@ def train_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     loss_name: str,
     device: torch.device,
-    teacher: nn.Module | None = None,
+    teacher: Teacher | None = None,
     distill_weight: float = 0.5,
     point_sigma: bool = False,
     ema: AveragedModel | None = None,
@@ -271,7 +309,7 @@ def train_epoch(
     """
     model.train()
     if teacher is not None:
-        teacher.eval()
+        teacher.model.eval()
     loss_fn = LOSSES[loss_name]
     total, count, start = 0.0, 0, time.perf_counter()
     for images, targets, _ in loader:
@@ -497,14 +535,18 @@ def make_loaders(train_ds: Dataset, val_ds: Dataset, sampler: Sampler, batch_siz
     return train_loader, val_loader
 
 
-def load_teacher(path: str, device: torch.device) -> nn.Module:
-    """A distillation teacher: a release model in eval mode with no gradients."""
+def load_teacher(path: str, device: torch.device, mirror: bool = False) -> Teacher:
+    """A distillation teacher from a release model; with ``mirror``, one that teaches its mirrored pass (the model
+    must carry a fitted ``"mirror_offset"``)."""
     from fkp_core.weights import load_model
 
-    teacher = load_model(path, device=str(device)).model.eval()
-    for p in teacher.parameters():
+    loaded = load_model(path, device=str(device))
+    if mirror and loaded.fit.mirror_offset is None:
+        raise ValueError(f"{path}: no fitted mirror offset, so no mirrored pass to teach (jobs.evaluate --fit-mirror)")
+    model = loaded.model.eval()
+    for p in model.parameters():
         p.requires_grad_(False)
-    return teacher
+    return Teacher(model, loaded.fit.mirror_offset if mirror else None)
 
 
 def epoch_metrics(epoch: int, stats: dict, per_source: dict[str, float], train_names: Sequence[str], workers: int,

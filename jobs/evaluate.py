@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     from fkp_core.detector import make_detector
     from fkp_core.landmarks import Landmarker
     from fkp_core.viz import ced_plot, write_png
-    from jobs.train import default_data_dir
+    from jobs.train_data import default_data_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from fkp_core.detector import HaarDetector
     from fkp_core.transforms import apply_matrix
     from fkp_core.video import VideoWriter
-    from jobs.train import default_data_dir
+    from jobs.train_data import default_data_dir
 
     data = Path(args.data) if args.data else default_data_dir()
     try:

@@ -20,8 +20,6 @@ import shutil
 import sys
 import tempfile
 import time
-import urllib.request
-import zipfile
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,19 +27,9 @@ from typing import Any
 
 from fkp_core.constants import SELECTION_METRIC, THREE_QUARTER_MAX_YAW
 from jobs.common import EXIT_FAILED, EXIT_OK, Parser, UsageError, add_common_flags, init_ray, load_model_arg, run_main, use_gpus
+from jobs.train_data import PUBLIC_ARCHIVE_URL, resolve_sources
 
 log = logging.getLogger("fkp.train")
-
-PUBLIC_ARCHIVE_URL = (
-    "https://s3.amazonaws.com/video.udacity-data.com/topher/2018/May/5aea1b91_train-test-data/train-test-data.zip"
-)
-
-
-def default_data_dir() -> Path:
-    """``$FKP_DATA/fkp`` when FKP_DATA is set, else ``data/`` in the working directory."""
-    root = os.environ.get("FKP_DATA")
-    return Path(root) / "fkp" if root else Path("data")
-
 
 def build_parser() -> argparse.ArgumentParser:
     from fkp_core.model import MODEL_PRESETS
@@ -86,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "resampled to its own input size (default: off)")
     g.add_argument("--distill-weight", type=share, default=d.distill_weight,
                    help="share of the loss given to the --distill teacher's predictions (the rest to the labels)")
+    g.add_argument("--distill-mirror", action="store_true",
+                   help="the --distill teacher teaches its mirrored pass: its points averaged over each crop and the crop's "
+                        "mirror image, as the job runs it (the teacher needs a fitted mirror offset)")
     g.add_argument("--epochs", type=positive_int, default=d.epochs, help="passes over the (weighted) training set")
     g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="images per step per worker")
     g.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate (AdamW)")
@@ -120,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head-expand", type=non_negative_int, default=0, metavar="C",
                    help="widen the heatmap read-out with a hidden 1x1 layer of C channels beside it (0: none); added to an "
                         "--init model at zero, so training starts from its predictions")
+    g.add_argument("--pose-balance", type=Ranged(float, 0, 100), default=d.pose_balance, metavar="S",
+                   help="draw faces turned left or right more often: up to 1 + S times a frontal face of the same source "
+                        "(by the nose tip's place between the jaw's ends), each source keeping its share (0: off)")
     g.add_argument("--ema", type=Ranged(float, 0, 1, high_open=True), default=d.ema, metavar="DECAY",
                    help="keep an exponential moving average of the weights (decay per step, e.g. 0.995: about the last 200 "
                         "steps) and validate, keep and export it instead of the last step's weights (0: off)")
@@ -153,86 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------
 
 
-def download_course_data(url: str, dest: Path) -> Path:
-    """Fetch the course archive and unpack it so that ``dest`` holds the course layout."""
-    from fkp_core.dataset import detect_kind
-
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        archive = Path(tmp) / "train-test-data.zip"
-        log.info("downloading %s", url)
-        try:
-            with urllib.request.urlopen(url, timeout=60) as resp, open(archive, "wb") as out:
-                shutil.copyfileobj(resp, out)
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"cannot download {url}: {exc}") from exc
-        try:
-            with zipfile.ZipFile(archive) as zf:
-                unpacked = Path(tmp) / "unpacked"
-                for member in zf.infolist():
-                    target = (unpacked / member.filename).resolve()
-                    if not str(target).startswith(str(unpacked.resolve())):
-                        raise UsageError(f"{url}: archive member {member.filename!r} escapes the target folder")
-                zf.extractall(unpacked)
-        except zipfile.BadZipFile as exc:
-            raise UsageError(f"{url}: not a zip archive ({exc})") from exc
-        # the layout may sit at the top of the archive or one folder down
-        candidates = [unpacked, *[p for p in unpacked.iterdir() if p.is_dir()]]
-        root = next((c for c in candidates if (c / "training_frames_keypoints.csv").is_file()), None)
-        if root is None:
-            raise UsageError(f"{url}: archive does not hold training_frames_keypoints.csv")
-        for item in root.iterdir():
-            if item.name.startswith("__MACOSX"):
-                continue
-            target = dest / item.name
-            if not target.exists():
-                shutil.move(str(item), str(target))
-    detect_kind(dest)
-    return dest
-
-
-def resolve_sources(args: argparse.Namespace):
-    """The training and validation-only sources named by the flags, checked to exist."""
-    from fkp_core.dataset import DatasetError
-    from fkp_core.training import check_split
-
-    train, val = _parse_sources(args)
-    for src in train + val:  # read once here: a bad row or image fails now, in one line, not in every worker
-        try:
-            records = src.read("training") if src.kind == "course" else src.read()
-            if src in train:
-                check_split(src, records, args.val_fraction)
-        except DatasetError as exc:
-            raise UsageError(str(exc)) from None
-        log.info("data source %s (%s): %d faces, weight %g", src.label, src.path, len(records), src.weight)
-    return train, val
-
-
-def _parse_sources(args: argparse.Namespace):
-    """``--data`` (default: the data dir, downloaded first with ``--download``) and ``--val-data`` as sources with distinct names."""
-    from fkp_core.dataset import DatasetError, parse_source
-
-    specs = args.data or [str(default_data_dir())]
-    if args.download and not args.data:
-        target = default_data_dir()
-        if not (target / "training_frames_keypoints.csv").is_file():
-            download_course_data(args.download_url, target)
-    try:
-        train = [parse_source(s) for s in specs]
-        val = [parse_source(s) for s in args.val_data]
-    except DatasetError as exc:
-        if not args.data:
-            raise UsageError(
-                f"{exc}. Get the course data with --download (fetches {PUBLIC_ARCHIVE_URL}), "
-                "point --data at it, or set FKP_DATA"
-            ) from None
-        raise UsageError(str(exc)) from None
-    labels = [s.label for s in train + val]
-    if len(set(labels)) != len(labels):
-        raise UsageError(f"data sources need distinct names, got {labels}")
-    return train, val
-
-
 # ------------------------------------------------------------------------------------------
 # the per-worker loop (runs inside Ray Train workers)
 # ------------------------------------------------------------------------------------------
@@ -259,6 +173,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         make_datasets,
         make_loaders,
         make_optimizer,
+        pose_balanced,
         source_weights,
         split_records,
         train_epoch,
@@ -283,11 +198,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # 300-W labels are mirror-symmetric (once their offset is kept); the course's only roughly, so flipped on request
     mirror = {s.label: s.label_x_offset for s in train_sources if s.kind == "ibug" or cfg.mirror_course}
     train_ds, val_ds = make_datasets(train_records, val_records, cfg, mcfg.input_size, mcfg.crop_margin, mcfg.upright, mirror)
-    weights = source_weights(train_records, {s.label: s.weight for s in train_sources})
+    weights = pose_balanced(source_weights(train_records, {s.label: s.weight for s in train_sources}), train_records, cfg.pose_balance)
     sampler = WeightedDistributedSampler(weights, len(train_records), rank, world, cfg.seed)
     train_loader, val_loader = make_loaders(train_ds, val_ds, sampler, cfg.batch_size, config["loader_workers"], device)
 
-    teacher = load_teacher(cfg.distill, device) if cfg.distill else None
+    teacher = load_teacher(cfg.distill, device, cfg.distill_mirror) if cfg.distill else None
     model = ray.train.torch.prepare_model(preset)  # moves to the worker's device, wraps in DDP when world > 1
     core = model.module if hasattr(model, "module") else model
     optimizer, scheduler = make_optimizer(model, cfg, len(train_loader))
@@ -436,6 +351,8 @@ def _release_model_path(value: str) -> Path:
 def _resolve_distill(args: argparse.Namespace, parent: dict | None) -> tuple[str | None, dict | None]:
     """``--distill`` as an absolute model path and its metadata, checked to see the crops the student sees."""
     if args.distill is None:
+        if args.distill_mirror:
+            raise UsageError("--distill-mirror needs --distill")
         return None, None
     if not 0 < args.distill_weight <= 1:
         raise UsageError("--distill-weight must be in (0, 1]")
@@ -448,6 +365,8 @@ def _resolve_distill(args: argparse.Namespace, parent: dict | None) -> tuple[str
     if teacher.model.config.crop_margin != margin:  # another input size is resampled (training.teacher_view)
         raise UsageError(f"--distill: the teacher's crops have margin {teacher.model.config.crop_margin} and the "
                          f"network's {margin}; they must see the same crops")
+    if args.distill_mirror and teacher.fit.mirror_offset is None:
+        raise UsageError(f"--distill-mirror: {path} has no fitted mirror offset (jobs.evaluate --fit-mirror)")
     return str(path), teacher.metadata
 
 
@@ -510,6 +429,7 @@ def run(args: argparse.Namespace) -> int:
         extra["init"] = {"path": init, "sha256": parent.get("sha256"), "trained": parent.get("trained", {})}
     if teacher_meta:
         extra["distill"] = {"path": distill, "sha256": teacher_meta.get("sha256"), "weight": args.distill_weight,
+                            "mirror_offset": teacher_meta.get("mirror_offset") if args.distill_mirror else None,
                             "teacher_validation": teacher_meta.get("metrics", {}).get("validation")}
     from fkp_core.checkpoints import export_release
 
@@ -560,7 +480,7 @@ def _train_config(args: argparse.Namespace, init: str | None, distill: str | Non
     parent_trained = parent.get("trained", {}) if parent else {}
     return TrainConfig(
         model=parent_trained.get("train_config", {}).get("model", "custom") if parent else (args.model or TrainConfig.model),
-        input_size=args.input_size, init=init, distill=distill, distill_weight=args.distill_weight,
+        input_size=args.input_size, init=init, distill=distill, distill_weight=args.distill_weight, distill_mirror=args.distill_mirror,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs, loss=args.loss,
         val_fraction=args.val_fraction, seed=args.seed,
@@ -568,7 +488,7 @@ def _train_config(args: argparse.Namespace, init: str | None, distill: str | Non
         pretrained=args.pretrained, freeze_stride=args.freeze_stride, occluders=args.occluders, low_light=args.low_light, motion_blur=args.motion_blur, jpeg=args.jpeg,
         three_quarter=args.three_quarter,
         point_sigma=args.point_sigma, nonface=args.nonface, upright=args.upright, mirror_course=args.mirror_course, head_expand=args.head_expand,
-        ema=args.ema,
+        ema=args.ema, pose_balance=args.pose_balance,
         augment=replace(AugmentConfig(), rotation=args.rotation, occlusion=args.occlusion, flip=args.flip, photometric=not args.no_photometric),
     )
 

@@ -13,6 +13,7 @@ from fkp_core.pose import (
     head_pose,
     model_points,
     rotation_matrix,
+    turn_index,
 )
 
 W, H = 640, 480
@@ -156,3 +157,28 @@ def test_draw_pose_axes_returns_a_new_image_with_the_gizmo():
     assert (skipped == 0).all()
     with pytest.raises(ValueError):
         draw_pose_axes(bgr, kp[None], np.zeros((2, 3)))
+
+
+def test_turn_index_is_zero_for_a_frontal_face_and_ignores_roll_mirror_and_scale():
+    face = mean_face()
+    assert turn_index(face[None])[0] == pytest.approx(0.0, abs=1e-6)
+    turned = face.copy()
+    half_width = (face[16, 0] - face[0, 0]) / 2
+    turned[NOSE_TIP, 0] += half_width / 4  # toward the image right
+    t = turn_index(turned[None])[0]
+    assert t == pytest.approx(0.25, abs=1e-6)
+    mirrored = turned.copy()
+    mirrored[:, 0] = W - 1 - mirrored[:, 0]
+    mirrored = mirrored[list(FLIP_PERMUTATION)]
+    for other in (rotate_on_screen(turned, 30.0), mirrored, turned * 3.0):
+        assert turn_index(other[None])[0] == pytest.approx(t, abs=1e-6)
+
+
+def test_turn_index_grows_with_the_turn_and_stops_at_one():
+    face = mean_face()
+    half_width = (face[16, 0] - face[0, 0]) / 2
+    shares = [0.0, 0.2, 0.5, 0.8, 1.0, 1.8]
+    faces = np.stack([face.copy() for _ in shares])
+    for f, share in zip(faces, shares):
+        f[NOSE_TIP, 0] -= share * half_width  # toward the image left
+    assert turn_index(faces) == pytest.approx([0.0, 0.2, 0.5, 0.8, 1.0, 1.0], abs=1e-6)

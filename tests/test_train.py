@@ -21,7 +21,7 @@ from conftest import PROJECT_ROOT, make_course_dataset, make_ibug_dataset
 from fkp_core.dataset import read_course, read_image
 from fkp_core.transforms import box_from_keypoints, crop_matrix, denormalize_keypoints
 from fkp_core.weights import load_model
-from jobs import evaluate, train
+from jobs import evaluate, train, train_data
 
 TINY = ["--model", "tiny", "--batch-size", "8", "--num-workers", "2", "--cpus-per-worker", "0.5", "--loader-workers", "0",
         "--val-fraction", "0.4", "-q"]
@@ -69,12 +69,12 @@ def test_fine_tuning_starts_from_the_given_model(ray_session, course, tmp_path):
     torch.manual_seed(123)
     parent_path = save_model(build_model("tiny").eval(), tmp_path / "parent" / "p", {"trained": {"command": "parent cmd"}})
     parent = load_model(parent_path)
-    # a teacher of another input size (it sees the crops resampled), recorded in the metadata
-    teacher_path = save_model(build_model("tiny", input_size=80).eval(), tmp_path / "teacher" / "t")
+    # a teacher of another input size (it sees the crops resampled) teaching its mirrored pass, recorded in the metadata
+    teacher_path = save_model(build_model("tiny", input_size=80).eval(), tmp_path / "teacher" / "t", {"mirror_offset": 0.01})
     # a learning rate so small that training cannot move the weights: what comes out is what went in,
     # from now on trained (and described) as an upright model
     code = _main(train, ["--data", f"course:{course}", "--epochs", "1", "--lr", "1e-12", "--init", parent_path,
-                         "--distill", teacher_path, "--distill-weight", "0.7", "--upright",
+                         "--distill", teacher_path, "--distill-weight", "0.7", "--distill-mirror", "--upright",
                          "--output", tmp_path / "ft", "--name", "ft", *[a for a in TINY if a not in ("--model", "tiny")]])
     assert code == 0
     child = load_model(tmp_path / "ft" / "ft.pt")
@@ -83,6 +83,7 @@ def test_fine_tuning_starts_from_the_given_model(ray_session, course, tmp_path):
     assert child.metadata["trained"]["init"]["sha256"] == parent.metadata["sha256"]
     assert child.metadata["trained"]["distill"]["sha256"] == load_model(teacher_path).metadata["sha256"]
     assert child.metadata["trained"]["train_config"]["distill_weight"] == 0.7
+    assert child.metadata["trained"]["train_config"]["distill_mirror"] and child.metadata["trained"]["distill"]["mirror_offset"] == 0.01
     assert child.metadata["trained"]["init"]["trained"]["command"] == "parent cmd"
     convs = [k for k, v in parent.model.state_dict().items() if k.endswith("weight") and v.ndim == 4]
     fresh = build_model("tiny").state_dict()
@@ -158,7 +159,7 @@ def test_download_and_unpack_from_a_local_archive(tmp_path):
             zf.write(p, p.relative_to(src))
         zf.writestr("__MACOSX/._junk", b"x")
     dest = tmp_path / "data"
-    train.download_course_data(archive.as_uri(), dest)
+    train_data.download_course_data(archive.as_uri(), dest)
     assert len(read_course(dest)) == 4
     assert not (dest / "__MACOSX").exists()
 
@@ -167,14 +168,14 @@ def test_download_rejects_bad_archives(tmp_path):
     bad = tmp_path / "bad.zip"
     bad.write_bytes(b"not a zip")
     with pytest.raises(train.UsageError, match="not a zip"):
-        train.download_course_data(bad.as_uri(), tmp_path / "d1")
+        train_data.download_course_data(bad.as_uri(), tmp_path / "d1")
     empty = tmp_path / "empty.zip"
     with zipfile.ZipFile(empty, "w") as zf:
         zf.writestr("readme.txt", "hi")
     with pytest.raises(train.UsageError, match="training_frames_keypoints.csv"):
-        train.download_course_data(empty.as_uri(), tmp_path / "d2")
+        train_data.download_course_data(empty.as_uri(), tmp_path / "d2")
     with pytest.raises(train.UsageError, match="cannot download"):
-        train.download_course_data((tmp_path / "missing.zip").as_uri(), tmp_path / "d3")
+        train_data.download_course_data((tmp_path / "missing.zip").as_uri(), tmp_path / "d3")
 
 
 @pytest.mark.parametrize(
@@ -212,6 +213,17 @@ def test_a_teacher_cropping_with_another_margin_is_a_usage_error(tmp_path, capsy
     assert _main(train, ["--data", course, "--distill", teacher, "--model", "tiny", "--output", tmp_path / "o"]) == 2
     err = capsys.readouterr().err.strip()
     assert "must see the same crops" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_mirrored_teacher_needs_a_teacher_with_a_fitted_offset(tmp_path, capsys, course):
+    from fkp_core.model import build_model
+    from fkp_core.weights import save_model
+
+    plain = save_model(build_model("tiny").eval(), tmp_path / "t" / "t")  # never fitted: no "mirror_offset"
+    for extra, message in ((["--distill", plain], "no fitted mirror offset"), ([], "--distill-mirror needs --distill")):
+        code = _main(train, ["--data", course, *extra, "--distill-mirror", "--model", "tiny", "--output", tmp_path / "o"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err and len(err.splitlines()) == 1, err
 
 
 def test_missing_default_data_dir_says_how_to_get_it(tmp_path, capsys, monkeypatch):
@@ -268,7 +280,7 @@ def test_two_epochs_from_imagenet_weights_with_the_wild_recipe(ray_session, cour
     code = _main(train, ["--data", f"course:{course}", "--data", f"ibug:{helen}", "--epochs", "2", "--model", "mnv2",
                          "--input-size", "64", "--pretrained", "--freeze-stride", "4", "--rotation", "8", "--flip", "0.5", "--mirror-course",
                          "--occluders", "0.3", "--low-light", "0.2", "--motion-blur", "0.1", "--jpeg", "0.3",
-                         "--point-sigma", "--nonface", "0.2", "--three-quarter", "0.3", "--output", out, "--name", "p", *tiny])
+                         "--point-sigma", "--nonface", "0.2", "--three-quarter", "0.3", "--pose-balance", "2", "--output", out, "--name", "p", *tiny])
     assert code == 0
     loaded = load_model(out / "p.pt")
     assert loaded.config.backbone == "mobilenet_v2" and loaded.config.upright and loaded.config.input_size == 64
@@ -276,6 +288,7 @@ def test_two_epochs_from_imagenet_weights_with_the_wild_recipe(ray_session, cour
     tc = loaded.metadata["trained"]["train_config"]
     assert tc["pretrained"] and tc["freeze_stride"] == 4 and tc["occluders"] == 0.3 and tc["augment"]["flip"] == 0.5
     assert tc["point_sigma"] and tc["nonface"] == 0.2 and tc["three_quarter"] == 0.3 and tc["mirror_course"]
+    assert tc["pose_balance"] == 2
     # the error head was fitted (it starts as a constant: zero weights)
     assert loaded.model.head.sigma.weight.abs().sum() > 0
     assert loaded.metadata["trained"]["epochs_run"] == 2

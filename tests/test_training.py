@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fkp_core.model import build_model
-from fkp_core.training import TrainConfig, make_optimizer, teacher_view, train_epoch
+from fkp_core.training import Teacher, TrainConfig, make_optimizer, teacher_view, train_epoch
 
 
 def _gap(a: torch.nn.Module, b: torch.nn.Module, images: torch.Tensor) -> float:
@@ -35,7 +35,7 @@ def _train(distill_weight: float | None, teacher_size: int = 64) -> tuple[float,
         if distill_weight is None:
             train_epoch(student, loader, opt, sched, "l1", torch.device("cpu"))
         else:
-            train_epoch(student, loader, opt, sched, "l1", torch.device("cpu"), teacher, distill_weight)
+            train_epoch(student, loader, opt, sched, "l1", torch.device("cpu"), Teacher(teacher), distill_weight)
     student.eval()
     with torch.no_grad():
         to_labels = float((student(images) - labels).abs().mean())
@@ -54,6 +54,34 @@ def test_distillation_fits_the_teacher_and_labels_alone_do_not():
 def test_a_teacher_of_another_input_size_teaches_through_resampled_crops():
     before, after, _ = _train(distill_weight=1.0, teacher_size=96)
     assert after < 0.3 * before, (before, after)
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.02])
+def test_a_mirrored_teacher_teaches_the_jobs_mirrored_pass(offset):
+    """What a --distill-mirror teacher teaches is the mirrored pass the job runs (fkp_core.mirror.averaged) on the
+    crops at its own size, and it is mirror-symmetric about its offset, whatever the network."""
+    from fkp_core.mirror import averaged, unmirror
+
+    torch.manual_seed(1)
+    net = build_model("tiny", input_size=80).eval()
+    with torch.no_grad():  # an asymmetric network: its mirror image disagrees with it
+        net.head[-1].bias.copy_(torch.linspace(-0.8, 0.8, 136))
+    images = torch.rand(4, 1, 64, 64)
+    taught = Teacher(net, offset)(images)
+    plain = Teacher(net)(images)
+    with torch.no_grad():
+        assert torch.equal(plain, net(teacher_view(images, 80))[..., :2])
+
+    def predict(crops: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return net(torch.from_numpy(np.ascontiguousarray(crops))[:, None]).numpy()
+
+    job = averaged(predict, offset)(teacher_view(images, 80)[:, 0].numpy())[..., :2]
+    np.testing.assert_allclose(taught.numpy(), job, atol=1e-5)
+    assert (taught - plain).abs().mean() > 0.01  # the second look moved the points
+    # mirror-symmetric: its points on the mirrored crops, mapped back with its offset, are its points on the crops
+    back = unmirror(Teacher(net, offset)(images.flip(-1)).numpy(), offset)
+    np.testing.assert_allclose(back, taught.numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("size", [48, 112])
@@ -300,3 +328,29 @@ def test_the_weight_average_is_the_exponential_average_of_every_step(tmp_path):
                torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), torch.device("cpu"), resumed)
     for name, value in ema.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value)
+
+
+def test_pose_balance_draws_turned_faces_more_often_and_keeps_each_sources_share():
+    from conftest import mean_face
+    from fkp_core.constants import NOSE_TIP
+    from fkp_core.training import WeightedDistributedSampler, pose_balanced, source_weights
+
+    face = mean_face()
+    half_width = (face[16, 0] - face[0, 0]) / 2
+    records = []
+    for source, n in (("course", 6), ("helen", 2)):
+        for i in range(n):
+            kp = face.copy()
+            kp[NOSE_TIP, 0] += half_width * (0.5 if i == 0 else 0.0)  # the first face of each source is turned
+            records.append(Record(f"{source}{i}.png", kp, f"p{i}", source, "o"))
+    base = source_weights(records, {"course": 1.0, "helen": 3.0})
+    assert pose_balanced(base, records, 0.0) == pytest.approx(base)
+    balanced = np.asarray(pose_balanced(base, records, 2.0))
+    for source in ("course", "helen"):
+        here = np.array([r.source == source for r in records])
+        assert balanced[here].sum() == pytest.approx(np.asarray(base)[here].sum())  # the source's share stays
+        turned, frontal = balanced[here][0], balanced[here][1:]
+        assert turned / frontal == pytest.approx(2.0)  # 1 + 2 * 0.5
+    draws = np.array(list(WeightedDistributedSampler(balanced.tolist(), 40_000, seed=1)))
+    counts = np.bincount(draws, minlength=len(records)) / len(draws)
+    assert counts == pytest.approx(balanced, abs=0.01)
