@@ -29,7 +29,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fkp_core.confidence import face_confidence
-from fkp_core.constants import MIN_FACE_CONFIDENCE, NUM_KEYPOINTS, REDETECT_CONFIDENCE
+from fkp_core.constants import (
+    MIN_FACE_CONFIDENCE,
+    NUM_KEYPOINTS,
+    REDETECT_CONFIDENCE,
+    SHIFTED_VIEW_PIXELS,
+)
 from fkp_core.detector import FaceDetector, iou
 from fkp_core.fitted import ModelFit
 from fkp_core.landmarks import refined_keypoints
@@ -56,6 +61,8 @@ class AnnotateConfig:
     refine: int = 1  # extra CNN passes re-cropped around the prediction, on detection frames
     # each face's last crop also predicted on its mirror image, averaged (fkp_core.mirror), where the model has an offset
     mirror: bool = True
+    # and shifted half a heatmap cell, averaged too (fkp_core.shifted_view): one more CNN pass per face, two with the mirror
+    shifted_view: bool = False
     chunk_frames: int = 1  # > 1 with detect_every 1: batch the CNN over this many frames (model actors)
     min_confidence: float = REDETECT_CONFIDENCE  # fast path: below this face confidence a tracked face is re-detected at once
     # faces below this confidence (fkp_core.confidence.face_confidence) are dropped, never written nor tracked; 0 keeps all
@@ -182,7 +189,7 @@ class SegmentAnnotator:
 
         t0 = time.perf_counter()
         result = refined_keypoints(timed, grays, boxes, self.size, self.margin, angles, refine, self.config.upright,
-                                   self.fit.mirror_offset)
+                                   self.fit.mirror_offset, SHIFTED_VIEW_PIXELS if self.config.shifted_view else 0)
         self.stats.seconds["cnn"] += cnn
         self.stats.seconds["other"] += time.perf_counter() - t0 - cnn
         return result

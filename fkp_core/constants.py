@@ -65,6 +65,17 @@ FLIP_PERMUTATION: tuple[int, ...] = _flip_permutation()
 # ibug:../shared/data/300w/helen --data course:../shared/data/fkp --split training --fit-mirror` (docs/experiments.md).
 LABEL_X_OFFSET: dict[str, float] = {"ibug": 0.86, "course": 1.27}
 
+# The shifted view (fkp_core.shifted_view, jobs' --shifted-view): how far each face's last crop is moved, right and
+# down, in crop pixels, for a second look whose pixel grid falls differently on the face: half a heatmap cell of every
+# bundled model (stride 8). The direction was chosen on the training sources' validation faces (course + HELEN, never
+# AFW), where moving down-right beat up-left, the diagonals and single axes (docs/experiments.md).
+SHIFTED_VIEW_PIXELS = 4
+
+# ONNX Runtime holds every layer's activations for a whole call: the most crops it runs at once (larger inputs are
+# cut into calls of this many), so that an evaluation's or a fit's thousands of crops do not run the machine out of
+# memory; per-face time hardly depends on it (docs/experiments.md, session 9).
+ONNX_MAX_BATCH = 32
+
 # Polylines that draw a face: (indices, closed).
 CONTOURS: tuple[tuple[range, bool], ...] = (
     (REGIONS["jaw"], False),

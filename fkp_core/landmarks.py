@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fkp_core.constants import NUM_KEYPOINTS
+from fkp_core.constants import NUM_KEYPOINTS, SHIFTED_VIEW_PIXELS
 from fkp_core.detector import DetectorSpec, FaceDetector, make_detector
 from fkp_core.fitted import ModelFit
 from fkp_core.mirror import averaged
+from fkp_core.shifted_view import with_shifted_view
 from fkp_core.transforms import crop_face, face_frame, to_gray, uncrop_keypoints
 
 if TYPE_CHECKING:  # torch only where a model is loaded: the crop-and-map functions serve annotators that run ONNX bytes
@@ -86,14 +87,18 @@ def keypoints_and_scores_for_boxes(
 def refined_keypoints(
     predict_crops, grays: Sequence[np.ndarray], boxes: Sequence[np.ndarray], size: int, margin: float,
     angles: Sequence[np.ndarray] | None, refine: int, upright: bool, mirror_offset: float | None = None,
+    shift_pixels: int = 0,
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     """:func:`keypoints_and_scores_for_boxes`, then ``refine`` more passes, each cropped around the last
     prediction (the framing the model was trained on, eyes level when ``upright``): a detector's loose
     box costs accuracy that one re-crop wins back. With a ``mirror_offset`` (the model's, :mod:`fkp_core.mirror`)
-    the last crop is also predicted on its mirror image, and the two predictions are averaged. Returns
+    the last crop is also predicted on its mirror image, and the two predictions are averaged; with ``shift_pixels``
+    the last crop (and its mirror image) is also predicted shifted by that much (:mod:`fkp_core.shifted_view`). Returns
     keypoints, the points' scores (of the mirrored pass where there is one) and the crop boxes (Ni, 4) of
     the last crop (what the fit's consistency is measured against)."""
     last = predict_crops if mirror_offset is None else averaged(predict_crops, mirror_offset)
+    if shift_pixels:
+        last = with_shifted_view(last, shift_pixels)
     for i in range(refine + 1):
         if i:
             frames = [face_frame(k, upright) if len(k) else (b, np.zeros(len(b))) for k, b in zip(kps, boxes)]
@@ -123,6 +128,7 @@ class Landmarker:
         backend: str = "auto",
         upright: bool = True,
         mirror: bool = True,
+        shifted_view: bool = False,
     ):
         from fkp_core.inference import make_predictor
         from fkp_core.weights import LoadedModel, load_model
@@ -142,6 +148,8 @@ class Landmarker:
         self.detector = detector if detector is not None else make_detector(DetectorSpec())
         self.refine = refine
         self.upright = upright
+        # the last crop also predicted shifted half a heatmap cell (fkp_core.shifted_view): one more look, one more pass
+        self.shift_pixels = SHIFTED_VIEW_PIXELS if shifted_view else 0
         self.predictor = make_predictor(self.model, self.device, backend, scores=True)
 
     def predict_crops(self, crops: np.ndarray) -> np.ndarray:
@@ -168,7 +176,7 @@ class Landmarker:
         grays = [to_gray(np.asarray(im)) for im in images]
         boxes = [np.asarray(b, dtype=np.float64).reshape(-1, 4) for b in boxes]
         return refined_keypoints(self.predict_crops, grays, boxes, self.size, self.margin, angles, self.refine, self.upright,
-                                 self.fit.mirror_offset)
+                                 self.fit.mirror_offset, self.shift_pixels)
 
     def keypoints_for_detections(self, images: Sequence[np.ndarray], detections: Sequence) -> list[np.ndarray]:
         """Keypoints for each image's :class:`~fkp_core.detector.Detections`, cropped through the detector's calibration."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fkp_core.constants import NUM_KEYPOINTS
+from fkp_core.constants import NUM_KEYPOINTS, ONNX_MAX_BATCH
 from fkp_core.fitted import ModelFit
 
 if TYPE_CHECKING:
@@ -46,9 +46,12 @@ class OnnxSession:
         self.session = ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
 
     def __call__(self, crops: np.ndarray) -> np.ndarray:
+        """Calls of at most :data:`~fkp_core.constants.ONNX_MAX_BATCH` crops: memory stays bounded however many come."""
         if len(crops) == 0:
             return np.zeros((0, NUM_KEYPOINTS, 3 if self.scores else 2), np.float32)
-        return self.session.run(None, {"crops": as_float(crops)[:, None]})[0]
+        arr = as_float(crops)[:, None]
+        return np.concatenate([self.session.run(None, {"crops": arr[i : i + ONNX_MAX_BATCH]})[0]
+                               for i in range(0, len(arr), ONNX_MAX_BATCH)])
 
 
 @dataclass(frozen=True)

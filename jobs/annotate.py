@@ -50,7 +50,7 @@ from jobs.common import (
     UsageError,
     add_common_flags,
     add_detector_flags,
-    add_mirror_flag,
+    add_view_flags,
     cluster_node_count,
     init_ray,
     non_negative_int,
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the face detector every K frames and track faces from their keypoints in between (fast path); 1 = detect on every frame")
     add_detector_flags(g)
     g.add_argument("--refine", type=non_negative_int, default=1, help="extra CNN passes re-cropped around the prediction on detection frames")
-    add_mirror_flag(g)
+    add_view_flags(g)
     g.add_argument("--min-confidence", type=unit_interval, default=MIN_FACE_CONFIDENCE, metavar="C",
                    help=f"drop faces whose confidence (the confidence column: detector score, keypoint scores and fit, "
                         f"fkp_core.confidence) is below C; they are neither written nor tracked. 0 keeps every face "

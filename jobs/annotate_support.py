@@ -359,7 +359,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(
         model=model_path, model_name=f"{Path(model_path).stem} ({loaded.metadata.get('sha256', '')[:12]})",
         detector=detector_spec(args), annotate=AnnotateConfig(detect_every=args.detect_every, refine=args.refine,
-                                                                  mirror=not args.no_mirror, min_face_confidence=args.min_confidence),
+                                                                  mirror=not args.no_mirror, shifted_view=args.shifted_view,
+                                                                  min_face_confidence=args.min_confidence),
         smooth=not args.no_smooth, segment_frames=args.segment_frames, sample_fps=args.sample_fps,
         out=args.out, render=args.render, filters=filters,
     )

@@ -286,12 +286,17 @@ def existing_dir(value: str) -> Path:
     return p
 
 
-def add_mirror_flag(group) -> None:
-    """``--no-mirror``, the same for every job that predicts faces (annotate, evaluate)."""
+def add_view_flags(group) -> None:
+    """``--no-mirror`` and ``--shifted-view``: how many looks each face gets, the same for every job that predicts faces
+    (annotate, evaluate)."""
     group.add_argument("--no-mirror", action="store_true",
                        help="predict each face only on its crop as it is. By default the last crop is also predicted on its "
                             "mirror image and the two are averaged (one more CNN pass per face, less error and jitter), for models "
                             "whose JSON has a \"mirror_offset\" (fitted with jobs.evaluate --fit-mirror; the bundled ones do)")
+    group.add_argument("--shifted-view", action="store_true",
+                       help="also predict each face's last crop with its content moved half a heatmap cell, and average: a look "
+                            "whose pixel grid falls differently on the face, for less error at two more CNN passes per face "
+                            "(one with --no-mirror); see the README's Accuracy and Speed")
 
 
 def add_detector_flags(group) -> None:

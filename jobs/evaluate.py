@@ -29,7 +29,7 @@ from jobs.common import (
     UsageError,
     add_common_flags,
     add_detector_flags,
-    add_mirror_flag,
+    add_view_flags,
     detector_spec,
     load_model_arg,
     non_negative_int,
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_detector_flags(p.add_argument_group("detection (the end-to-end protocol; the same flags and defaults as jobs.annotate)"))
     p.add_argument("--no-upright", action="store_true", help="crop faces as they lie instead of turning them so the eyes are level")
     p.add_argument("--refine", type=non_negative_int, default=1, help="extra CNN passes re-cropped around the prediction")
-    add_mirror_flag(p)
+    add_view_flags(p)
     p.add_argument("--threshold", type=positive_float, default=0.10, help="NME above which a face counts as a failure (FR) and the CED/AUC limit")
     p.add_argument("--out", default="runs/eval", help="folder for report.json and the PNGs")
     p.add_argument("--device", default="cpu", help="torch device for the CNN")
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model_arg(args.model, device=args.device)
     spec = detector_spec(args)
     lm = Landmarker(loaded, detector=make_detector(spec), device=args.device, refine=args.refine, upright=not args.no_upright,
-                    mirror=not args.no_mirror)
+                    mirror=not args.no_mirror, shifted_view=args.shifted_view)
     if args.fit_mirror:
         from jobs.mirror_fit import run_fit
 
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "model": str(loaded.path), "model_sha256": loaded.metadata.get("sha256"), "detector": asdict(spec),
         "upright": not args.no_upright, "refine": args.refine,
-        "mirror_offset": lm.fit.mirror_offset, "threshold": args.threshold,
+        "mirror_offset": lm.fit.mirror_offset, "shifted_view": lm.shift_pixels, "threshold": args.threshold,
         "command": args.command,
         "sources": {},
     }

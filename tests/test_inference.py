@@ -21,6 +21,29 @@ def test_onnx_runtime_matches_torch(preset):
     assert np.allclose(TorchPredictor(model, torch.device("cpu"))(crops.astype(np.float32) / 255), a, atol=1e-5)
 
 
+def test_onnx_runtime_runs_many_crops_in_bounded_calls():
+    """However many crops come (an evaluation's whole training set), ONNX Runtime sees at most ONNX_MAX_BATCH at once,
+    and the outputs are those of one crop at a time."""
+    from fkp_core.constants import ONNX_MAX_BATCH
+
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    s = model.config.input_size
+    crops = np.random.default_rng(2).integers(0, 256, (2 * ONNX_MAX_BATCH + 5, s, s), dtype=np.uint8)
+    predict = OnnxPredictor(model, threads=1)
+    run, calls = predict.session.run, []
+
+    def spy(names, feeds):
+        calls.append(len(feeds["crops"]))
+        return run(names, feeds)
+
+    predict.session = type("Spy", (), {"run": staticmethod(spy)})()
+    out = predict(crops)
+    assert calls == [ONNX_MAX_BATCH, ONNX_MAX_BATCH, 5]
+    one_by_one = np.concatenate([predict(crops[i : i + 1]) for i in range(len(crops))])
+    np.testing.assert_allclose(out, one_by_one, atol=1e-5)
+
+
 def test_auto_backend_and_bad_backend():
     model = build_model("tiny").eval()
     assert make_predictor(model, "cpu").backend == "onnx"

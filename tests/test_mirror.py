@@ -90,17 +90,25 @@ def test_the_offset_is_fitted_from_a_face_and_its_mirror_and_puts_the_mirrored_p
     assert fit_mirror_offset(_network(0.0), crops) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_the_last_crop_is_also_predicted_on_its_mirror_image_and_the_two_averaged():
+def _disc_face(offset: float):
+    """A frame holding the disc layout as a face, its crop box and angle, and :func:`_network` with that offset,
+    recording the crops of each call (returned too)."""
     frame = np.zeros((200, 240), np.uint8)
     pts = _layout((120.0, 100.0), spacing=11.0)
     frame[:] = _image(pts, frame.shape, radius=4)
     box, angle = face_frame(pts[None], True)
-    offset = 0.04
     calls = []
 
     def net(crops):
         calls.append(crops.copy())
         return _network(offset)(crops)
+
+    return frame, box, angle, net, calls
+
+
+def test_the_last_crop_is_also_predicted_on_its_mirror_image_and_the_two_averaged():
+    offset = 0.04
+    frame, box, angle, net, calls = _disc_face(offset)
 
     for refine in (1, 0):  # a detected face (re-cropped once), a tracked face (its one crop)
         calls.clear()
