@@ -112,10 +112,12 @@ class _Freezable(nn.Module):
 
 
 class InvertedResidual(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int, hidden: int | None = None, residual: bool | None = None):
         super().__init__()
-        hidden = cin * expand
-        self.use_res = stride == 1 and cin == cout
+        hidden = hidden or cin * expand
+        if expand == 1 and hidden != cin:
+            raise ValueError("a block without expansion has as many hidden channels as inputs")
+        self.use_res = stride == 1 and cin == cout if residual is None else residual
         layers: list[nn.Module] = []
         if expand != 1:
             layers.append(_conv_bn_act(cin, hidden, 1, 1))
@@ -138,23 +140,34 @@ class MobileNetV2(_Freezable):
     """torchvision's MobileNetV2, optionally gray-input, cut after the last block of stride ``max_stride``.
 
     ``forward`` returns the feature maps at the end of each stride (2, 4, ... up to ``max_stride``);
-    ``classify`` (full network only) the ImageNet logits.
+    ``classify`` (full network only) the ImageNet logits. ``hidden`` narrows the blocks (a pruned copy,
+    :mod:`fkp_core.pruning`): each block's hidden channels in order, the first block's being the stem's
+    outputs (it has no expansion); empty: torchvision's widths.
     """
 
-    def __init__(self, gray: bool = True, max_stride: int | None = None, num_classes: int | None = None):
+    def __init__(self, gray: bool = True, max_stride: int | None = None, num_classes: int | None = None,
+                 hidden: Sequence[int] = ()):
         super().__init__()
-        layers: list[nn.Module] = [_conv_bn_act(3, 32, 3, 2, gray=gray)]
-        strides, channels = [2], [32]
-        cin, stride = 32, 2
+        stem = hidden[0] if hidden else 32
+        layers: list[nn.Module] = [_conv_bn_act(3, stem, 3, 2, gray=gray)]
+        strides, channels = [2], [stem]
+        cin, stride, stock_in = stem, 2, 32
         for t, c, n, s in _MNV2:
             if s == 2 and max_stride is not None and stride * 2 > max_stride:
                 break
             for i in range(n):
                 stride *= s if i == 0 else 1
-                layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+                block = len(layers) - 1
+                width = hidden[block] if block < len(hidden) else None
+                # shortcuts where torchvision's has them: a narrowed stem must not give the first block one (32 -> 16)
+                residual = (s == 1 or i > 0) and stock_in == c
+                layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t, width, residual))
+                stock_in = c
                 strides.append(stride)
                 channels.append(c)
                 cin = c
+        if len(hidden) not in (0, len(layers) - 1):
+            raise ValueError(f"hidden gives {len(hidden)} widths for {len(layers) - 1} blocks")
         full = max_stride is None
         if full:
             layers.append(_conv_bn_act(320, 1280, 1, 1))

@@ -37,6 +37,8 @@ class ModelConfig:
     # backbones (fkp_core.backbones), cut at backbone_stride; widths/depths/stem then unused
     backbone: str = "resnet"
     backbone_stride: int = 16
+    # mobilenet_v2 only: each block's hidden channels (a pruned network, fkp_core.pruning); empty: the stock widths
+    backbone_hidden: tuple[int, ...] = ()
     upright: bool = False  # trained on crops turned so the eye line is level (transforms.face_frame)
     # heatmap: keypoint scores from a learned per-point error (a 1x1 convolution on the decoder's features,
     # read under each point's heatmap, trained on the positions' detached errors) instead of the heatmap's spread
@@ -57,6 +59,8 @@ class ModelConfig:
 
             if self.backbone not in BACKBONES:
                 raise ValueError(f"backbone must be 'resnet' or one of {sorted(BACKBONES)}, got {self.backbone!r}")
+            if self.backbone_hidden and self.backbone != "mobilenet_v2":
+                raise ValueError("backbone_hidden needs backbone='mobilenet_v2'")
             if self.backbone_stride not in (8, 16, 32) or self.input_size % self.backbone_stride:
                 raise ValueError("backbone_stride must be 8, 16 or 32 and divide input_size")
             if self.head != "heatmap" or self.heatmap_stride not in (4, 8, 16) or self.heatmap_stride > self.backbone_stride:
@@ -82,7 +86,7 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
         kwargs = dict(data)
-        for key in ("widths", "depths"):
+        for key in ("widths", "depths", "backbone_hidden"):
             if key in kwargs:
                 kwargs[key] = tuple(kwargs[key])
         return cls(**kwargs)
@@ -209,7 +213,8 @@ class KeypointNet(nn.Module):
         if config.backbone != "resnet":
             from fkp_core.backbones import BACKBONES
 
-            self.backbone = BACKBONES[config.backbone](gray=True, max_stride=config.backbone_stride)
+            narrowed = {"hidden": config.backbone_hidden} if config.backbone_hidden else {}
+            self.backbone = BACKBONES[config.backbone](gray=True, max_stride=config.backbone_stride, **narrowed)
             self.head = HeatmapHead(self.backbone.out_channels, self.backbone.out_strides, config.heatmap_stride,
                                     config.head_hidden, config.input_size, config.point_sigma, config.head_expand)
             self.register_buffer("_mean", torch.tensor(config.input_mean), persistent=False)

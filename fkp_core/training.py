@@ -70,6 +70,8 @@ class TrainConfig:
     loader_workers: int = 2
     pretrained: bool = False  # initialise the backbone from its ImageNet weights (the 'train' extra)
     freeze_stride: int = 0  # keep backbone layers up to this output stride at their initial weights (0: train all)
+    prune: float = 1.0  # with init: keep this share of the hidden channels of its blocks up to prune_stride (fkp_core.pruning)
+    prune_stride: int = 8
     # faces in the wild (probabilities per crop; 0 everywhere: the original recipe, train_transform)
     occluders: float = 0.0  # an object over the mouth or eyes (RandomFaceOccluder)
     low_light: float = 0.0  # dim, noisy frame (RandomLowLight)
@@ -461,6 +463,12 @@ def initial_model(cfg: TrainConfig, log: logging.Logger | None = None) -> nn.Mod
         model = load_model(cfg.init).model.train()
         if cfg.upright:
             model.config = replace(model.config, upright=True)
+        if cfg.prune < 1:
+            from fkp_core.pruning import prune
+
+            model = prune(model, cfg.prune, cfg.prune_stride)
+            if log is not None:
+                log.info("%s pruned to hidden widths %s", cfg.init, list(model.config.backbone_hidden))
         return _frozen(_grown(_resized(model, cfg.input_size, cfg.init), cfg, cfg.init), cfg, log)
     overrides = {"input_size": cfg.input_size} if cfg.input_size else {}
     if cfg.point_sigma:

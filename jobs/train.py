@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--freeze-stride", type=int, choices=[0, 2, 4, 8], default=d.freeze_stride,
                    help="keep the backbone's layers up to this output stride at their initial (ImageNet) weights, batch norms "
                         "included: a cheaper backward pass on CPUs (0: train everything; mnv2/lite0 only)")
+    g.add_argument("--prune", type=Ranged(float, 0, 1, low_open=True, high_open=True), default=None, metavar="KEEP",
+                   help="with an --init model with a MobileNetV2 backbone: keep this share of the hidden channels of its blocks "
+                        "up to --prune-stride, those with the most weight (fkp_core.pruning), a cheaper network to fine-tune, "
+                        "best taught by the --init model itself (--distill) (default: off)")
+    g.add_argument("--prune-stride", type=int, choices=[2, 4, 8, 16], default=d.prune_stride,
+                   help="with --prune: the output stride up to which blocks are pruned (the high-resolution blocks cost most)")
     g.add_argument("--mirror-course", action="store_true",
                    help="flip course crops too (--flip), with their labels' offset kept; by default only the 300-W sources "
                         "are flipped")
@@ -311,6 +317,8 @@ def _check_pretrained(args: argparse.Namespace, parent: dict | None) -> None:
 
     name = args.model or TrainConfig.model
     backbone = parent["config"].get("backbone", "resnet") if parent else MODEL_PRESETS[name].backbone
+    if args.prune is not None and (parent is None or backbone != "mobilenet_v2"):
+        raise UsageError("--prune narrows an --init model with a MobileNetV2 backbone (mnv2)")
     if args.freeze_stride and backbone == "resnet":
         raise UsageError("--freeze-stride needs a model with a backbone (mnv2, lite0)")
     head = parent["config"].get("head", "fc") if parent else MODEL_PRESETS[name].head
@@ -480,7 +488,8 @@ def _train_config(args: argparse.Namespace, init: str | None, distill: str | Non
         weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs, loss=args.loss,
         val_fraction=args.val_fraction, seed=args.seed,
         loader_workers=args.loader_workers if args.loader_workers is not None else max(0, int(args.cpus_per_worker) - 1),
-        pretrained=args.pretrained, freeze_stride=args.freeze_stride, occluders=args.occluders, low_light=args.low_light, motion_blur=args.motion_blur, jpeg=args.jpeg,
+        pretrained=args.pretrained, freeze_stride=args.freeze_stride,
+        prune=args.prune if args.prune is not None else TrainConfig.prune, prune_stride=args.prune_stride, occluders=args.occluders, low_light=args.low_light, motion_blur=args.motion_blur, jpeg=args.jpeg,
         three_quarter=args.three_quarter,
         point_sigma=args.point_sigma, nonface=args.nonface, upright=args.upright, mirror_course=args.mirror_course, head_expand=args.head_expand,
         ema=args.ema, pose_balance=args.pose_balance,

@@ -192,6 +192,9 @@ def test_download_rejects_bad_archives(tmp_path):
         (["--data", "{course}", "--init", "bundled", "--model", "tiny"], "leave out --model"),
         (["--data", "{course}", "--init", "hm", "--input-size", "128"], "needs a model with a pretrained backbone"),
         (["--data", "{course}", "--init", "default", "--input-size", "100"], "does not fit the --init model"),
+        (["--data", "{course}", "--prune", "0.5"], "--prune narrows an --init model with a MobileNetV2 backbone"),
+        (["--data", "{course}", "--init", "hm", "--prune", "0.5"], "--prune narrows an --init model with a MobileNetV2 backbone"),
+        (["--data", "{course}", "--init", "default", "--prune", "1"], "--prune"),
         (["--data", "{course}", "--distill", "{tmp}/none.pt"], "model file not found"),
         (["--data", "{course}", "--distill", "bundled", "--distill-weight", "0"], "--distill-weight"),
         (["--data", "{course}", "--ema", "1"], "--ema"),
@@ -316,6 +319,31 @@ def test_two_epochs_from_imagenet_weights_with_the_wild_recipe(ray_session, cour
     assert "after epoch 2 of 2" in exported.metadata["trained"]["note"]
     for k, v in loaded.model.state_dict().items():
         assert torch.equal(exported.model.state_dict()[k], v)
+
+
+@pytest.mark.slow
+def test_a_pruned_run_starts_from_the_heaviest_channels_of_its_init_model(ray_session, course, tmp_path):
+    from fkp_core.model import build_model
+    from fkp_core.pruning import prune
+    from fkp_core.weights import save_model
+
+    torch.manual_seed(7)
+    parent = build_model("mnv2", input_size=64).eval()
+    for m in parent.modules():  # batch-norm scales that differ, so that the choice of channels matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.1, 2.0)
+    parent_path = save_model(parent, tmp_path / "parent" / "p")
+    tiny = [a for a in TINY if a not in ("--model", "tiny")]
+    code = _main(train, ["--data", f"course:{course}", "--epochs", "1", "--lr", "1e-12", "--init", parent_path,
+                         "--prune", "0.5", "--prune-stride", "4", "--output", tmp_path / "pruned", "--name", "q", *tiny])
+    assert code == 0
+    child = load_model(tmp_path / "pruned" / "q.pt")
+    want = prune(load_model(parent_path).model, 0.5, 4)
+    assert child.config.backbone_hidden == want.config.backbone_hidden == (16, 48, 72, *want.config.backbone_hidden[3:])
+    assert child.metadata["trained"]["train_config"]["prune"] == 0.5
+    for k, v in want.state_dict().items():  # a learning rate too small to move them: the pruned weights themselves
+        if v.is_floating_point() and "running" not in k:
+            torch.testing.assert_close(child.model.state_dict()[k], v, atol=1e-6, rtol=0)
 
 
 def test_pretrained_needs_a_backbone(course, tmp_path, capsys):
