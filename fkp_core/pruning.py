@@ -26,9 +26,9 @@ def pruned_widths(backbone: nn.Module, keep: float, max_stride: int) -> list[int
     """The hidden widths after keeping ``keep`` of each block's up to output stride ``max_stride``."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
-    strides = backbone._strides[1:]
-    return [max(PRUNE_MULTIPLE, round(w * keep / PRUNE_MULTIPLE) * PRUNE_MULTIPLE) if s <= max_stride else w
-            for w, s in zip(hidden_widths(backbone), strides)]
+    early = len(backbone.early_modules(max_stride)) - 1  # blocks up to the stride (the stem comes with the first)
+    return [max(PRUNE_MULTIPLE, round(w * keep / PRUNE_MULTIPLE) * PRUNE_MULTIPLE) if i < early else w
+            for i, w in enumerate(hidden_widths(backbone))]
 
 
 def channel_importance(block: nn.Module) -> torch.Tensor:
