@@ -112,12 +112,12 @@ class _Freezable(nn.Module):
 
 
 class InvertedResidual(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, expand: int, hidden: int | None = None, residual: bool | None = None):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int, hidden: int | None, residual: bool):
         super().__init__()
         hidden = hidden or cin * expand
         if expand == 1 and hidden != cin:
             raise ValueError("a block without expansion has as many hidden channels as inputs")
-        self.use_res = stride == 1 and cin == cout if residual is None else residual
+        self.use_res = residual
         layers: list[nn.Module] = []
         if expand != 1:
             layers.append(_conv_bn_act(cin, hidden, 1, 1))
@@ -156,12 +156,12 @@ class MobileNetV2(_Freezable):
             if s == 2 and max_stride is not None and stride * 2 > max_stride:
                 break
             for i in range(n):
-                stride *= s if i == 0 else 1
+                step = s if i == 0 else 1
+                stride *= step
                 block = len(layers) - 1
                 width = hidden[block] if block < len(hidden) else None
                 # shortcuts where torchvision's has them: a narrowed stem must not give the first block one (32 -> 16)
-                residual = (s == 1 or i > 0) and stock_in == c
-                layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t, width, residual))
+                layers.append(InvertedResidual(cin, c, step, t, width, residual=step == 1 and stock_in == c))
                 stock_in = c
                 strides.append(stride)
                 channels.append(c)

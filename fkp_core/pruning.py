@@ -55,8 +55,8 @@ def prune(model: KeypointNet, keep: float, max_stride: int = 8) -> KeypointNet:
     narrow = build_model(model.config, backbone_hidden=tuple(widths))
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     features = list(backbone.features)
-    for i, (block, width) in enumerate(zip(features[1:], widths), start=1):
-        if width == block.conv[-2].in_channels:
+    for i, (block, width, had) in enumerate(zip(features[1:], widths, hidden_widths(backbone)), start=1):
+        if width == had:
             continue
         index = channel_importance(block).argsort(descending=True)[:width].sort().values
         prefix = f"backbone.features.{i}.conv."
