@@ -108,6 +108,12 @@ SELECTION_METRIC = "val_nme"
 POINT_SIGMA_INIT = 0.05
 NONFACE_ERROR = 1.0
 POINT_SIGMA_LR_SCALE = 10.0  # the error head's learning rate over the run's --lr (fkp_core.training.make_optimizer)
+# The pixel-in-pixel read-out (fkp_core.pip_head, ModelConfig.head = "pip"): neighbours that vote for each point,
+# the cells around a point's own whose offsets are trained (0: its cell only), and the cell classifier's weight in
+# the loss against the offsets' L1 (in cells)
+PIP_NEIGHBOURS = 10
+PIP_CELL_RADIUS = 1
+PIP_CLASS_WEIGHT = 0.2
 # synthetic three-quarter views (augment.RandomThreeQuarterView): the largest turn, degrees; the head's depth
 # profile keeps the image map one-to-one below atan(0.5) = 26.6 degrees
 THREE_QUARTER_MAX_YAW = 20.0

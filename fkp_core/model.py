@@ -17,6 +17,9 @@ from torch import nn
 from fkp_core.constants import NUM_KEYPOINTS, POINT_SIGMA_INIT
 from fkp_core.transforms import CROP_MARGIN
 
+HEATMAP_HEADS = ("heatmap", "pip", "dual")  # heads that read points from per-point heatmaps (and so give keypoint scores)
+PIP_HEADS = ("pip", "dual")  # heads with a pixel-in-pixel read-out (fkp_core.pip_head)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -29,7 +32,8 @@ class ModelConfig:
     stem: int = 32
     widths: tuple[int, ...] = (32, 64, 128, 256)
     depths: tuple[int, ...] = (1, 2, 2, 1)
-    head: str = "fc"  # fc: dense layers over the last map | heatmap: per-point heatmaps + soft-argmax
+    head: str = "fc"  # fc: dense layers over the last map | heatmap: per-point heatmaps + soft-argmax | pip: heatmaps
+    # read at their peak with offsets and neighbours' votes (fkp_core.pip_head) | dual: the mean of the two read-outs
     head_hidden: int = 256  # fc: hidden units; heatmap: decoder channels
     heatmap_stride: int = 4  # heatmap: input pixels per heatmap cell
     dropout: float = 0.1
@@ -46,12 +50,16 @@ class ModelConfig:
     # heatmap: hidden channels of a 1x1 -> ReLU -> 1x1 branch beside the 1x1 that reads the heatmaps from the
     # decoder's features (0: none); zero-initialised, so it can be added to a trained model without changing it
     head_expand: int = 0
+    # pip: each point's neighbours on the mean face, K per point, flattened (fkp_core.pip_head.neighbour_table)
+    pip_neighbours: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.point_sigma and self.head != "heatmap":
-            raise ValueError("point_sigma needs head='heatmap'")
-        if self.head_expand and self.head != "heatmap":
-            raise ValueError("head_expand needs head='heatmap'")
+        if self.point_sigma and self.head not in HEATMAP_HEADS:
+            raise ValueError("point_sigma needs a heatmap head")
+        if self.head_expand and self.head not in HEATMAP_HEADS:
+            raise ValueError("head_expand needs a heatmap head")
+        if (self.head in PIP_HEADS) != bool(self.pip_neighbours):
+            raise ValueError("head='pip' or 'dual' needs pip_neighbours, and only they have them")
         if self.head_expand < 0:
             raise ValueError("head_expand must be >= 0")
         if self.backbone != "resnet":
@@ -63,16 +71,16 @@ class ModelConfig:
                 raise ValueError("backbone_hidden needs backbone='mobilenet_v2'")
             if self.backbone_stride not in (8, 16, 32) or self.input_size % self.backbone_stride:
                 raise ValueError("backbone_stride must be 8, 16 or 32 and divide input_size")
-            if self.head != "heatmap" or self.heatmap_stride not in (4, 8, 16) or self.heatmap_stride > self.backbone_stride:
-                raise ValueError("a pretrained backbone needs head='heatmap' with heatmap_stride 4, 8 or 16 (<= backbone_stride)")
+            if self.head not in HEATMAP_HEADS or self.heatmap_stride not in (4, 8, 16) or self.heatmap_stride > self.backbone_stride:
+                raise ValueError("a pretrained backbone needs a heatmap head with heatmap_stride 4, 8 or 16 (<= backbone_stride)")
             return
         if len(self.widths) != len(self.depths) or not self.widths:
             raise ValueError("widths and depths must be non-empty and of equal length")
         if self.input_size % (2 ** (len(self.widths) + 1)):
             raise ValueError(f"input_size must be a multiple of {2 ** (len(self.widths) + 1)}")
-        if self.head not in ("fc", "heatmap"):
-            raise ValueError(f"head must be 'fc' or 'heatmap', got {self.head!r}")
-        if self.head == "heatmap" and self.heatmap_stride not in [2 ** (i + 1) for i in range(len(self.widths) + 1)]:
+        if self.head not in ("fc", *HEATMAP_HEADS):
+            raise ValueError(f"head must be 'fc' or one of {HEATMAP_HEADS}, got {self.head!r}")
+        if self.head in HEATMAP_HEADS and self.heatmap_stride not in [2 ** (i + 1) for i in range(len(self.widths) + 1)]:
             raise ValueError("heatmap_stride must be the stride of one of the network's stages")
 
     def to_dict(self) -> dict:
@@ -86,7 +94,7 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
         kwargs = dict(data)
-        for key in ("widths", "depths", "backbone_hidden"):
+        for key in ("widths", "depths", "backbone_hidden", "pip_neighbours"):
             if key in kwargs:
                 kwargs[key] = tuple(kwargs[key])
         return cls(**kwargs)
@@ -175,32 +183,60 @@ class HeatmapHead(nn.Module):
         The expected error is the learned one (``point_sigma``) where the head has it, else the spread of the
         point's heatmap (no weights of its own, so old model files give scores too).
         """
+        x = self.features(stages)
+        logits = self.logits(x)
+        n, k, h, w = logits.shape
+        prob = torch.softmax(logits.flatten(2), dim=-1).view(n, k, h, w)
+        px, py = self.soft_argmax(prob)
+        return self.readout(x, prob, px, py, scores, log_sd)
+
+    def features(self, stages: list[torch.Tensor]) -> torch.Tensor:
+        """The decoder's features at the output stride (N, C, h, w)."""
         feats = [stages[i] for i in self.levels]
         x = self.lateral[-1](feats[-1])
         for k in range(len(feats) - 2, -1, -1):
             lat = self.lateral[k](feats[k])
             x = self.smooth[k](lat + nn.functional.interpolate(x, size=lat.shape[-2:], mode="nearest"))
-        logits = self.out(x)  # (N, 68, h, w)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The heatmaps' logits (N, 68, h, w) read from the decoder's features."""
+        logits = self.out(x)
         if self.expand is not None:
             logits = logits + self.expand(x)
-        n, k, h, w = logits.shape
-        prob = torch.softmax(logits.flatten(2), dim=-1).view(n, k, h, w)
-        mx, my = prob.sum(dim=2), prob.sum(dim=3)  # marginal distributions over columns and rows
-        px = (mx * self._grid).sum(-1)
-        py = (my * self._grid).sum(-1)
+        return logits
+
+    def soft_argmax(self, prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each heatmap's mean position (px, py), each (N, 68), from its probabilities (N, 68, h, w)."""
+        return (prob.sum(dim=2) * self._grid).sum(-1), (prob.sum(dim=3) * self._grid).sum(-1)
+
+    def readout(self, x: torch.Tensor, prob: torch.Tensor, px: torch.Tensor, py: torch.Tensor, scores: bool,
+                log_sd: bool) -> torch.Tensor:
+        """Points (px, py), with each one's score or log expected error when asked (:meth:`forward`)."""
         if not (scores or log_sd):
             return torch.stack([px, py], dim=-1)
         if self.sigma is not None:
             # the error map read where the point's own mass is; detached, so it never moves the points
             sd_log = (prob.detach() * self.sigma(x.detach())).sum(dim=(2, 3))
         else:
-            var = (mx * self._grid**2).sum(-1) - px**2 + (my * self._grid**2).sum(-1) - py**2
+            ex, ey = self.soft_argmax(prob)  # the heatmap's mean (px, py for soft-argmax)
+            mx, my = prob.sum(dim=2), prob.sum(dim=3)  # marginal distributions over columns and rows
+            var = (mx * self._grid**2).sum(-1) - ex**2 + (my * self._grid**2).sum(-1) - ey**2
             sd_log = 0.5 * var.clamp_min(1e-12).log()
         if log_sd:
             return torch.stack([px, py, sd_log], dim=-1)
         from fkp_core.confidence import log_sd_keypoint_scores
 
         return torch.stack([px, py, log_sd_keypoint_scores(sd_log, *self.score_range)], dim=-1)
+
+
+def _heatmap_head(config: ModelConfig, stage_channels: list[int], stage_strides: list[int]) -> HeatmapHead:
+    args = (stage_channels, stage_strides, config.heatmap_stride, config.head_hidden, config.input_size)
+    if config.head in PIP_HEADS:
+        from fkp_core.pip_head import PipHead
+
+        return PipHead(*args, config.pip_neighbours, config.point_sigma, config.head_expand, dual=config.head == "dual")
+    return HeatmapHead(*args, config.point_sigma, config.head_expand)
 
 
 class KeypointNet(nn.Module):
@@ -215,8 +251,7 @@ class KeypointNet(nn.Module):
 
             narrowed = {"hidden": config.backbone_hidden} if config.backbone_hidden else {}
             self.backbone = BACKBONES[config.backbone](gray=True, max_stride=config.backbone_stride, **narrowed)
-            self.head = HeatmapHead(self.backbone.out_channels, self.backbone.out_strides, config.heatmap_stride,
-                                    config.head_hidden, config.input_size, config.point_sigma, config.head_expand)
+            self.head = _heatmap_head(config, self.backbone.out_channels, self.backbone.out_strides)
             self.register_buffer("_mean", torch.tensor(config.input_mean), persistent=False)
             self.register_buffer("_std", torch.tensor(config.input_std), persistent=False)
             return
@@ -234,9 +269,8 @@ class KeypointNet(nn.Module):
             strides.append(stride)
             stage_channels.append(width)
         side = config.input_size // stride
-        if config.head == "heatmap":
-            self.head: nn.Module = HeatmapHead(stage_channels, strides, config.heatmap_stride, config.head_hidden,
-                                               config.input_size, config.point_sigma, config.head_expand)
+        if config.head in HEATMAP_HEADS:
+            self.head: nn.Module = _heatmap_head(config, stage_channels, strides)
         else:
             self.head = nn.Sequential(
                 nn.Flatten(),
@@ -248,26 +282,32 @@ class KeypointNet(nn.Module):
         self.register_buffer("_mean", torch.tensor(config.input_mean), persistent=False)
         self.register_buffer("_std", torch.tensor(config.input_std), persistent=False)
 
-    def forward(self, x: torch.Tensor, scores: bool = False, log_sd: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scores: bool = False, log_sd: bool = False, maps: bool = False):
         """(N, 68, 2) keypoints; heatmap heads only: with ``scores``, (N, 68, 3) with each point's score in 0..1,
-        with ``log_sd`` the log of its expected error instead (:meth:`HeatmapHead.forward`)."""
-        if (scores or log_sd) and self.config.head != "heatmap":
+        with ``log_sd`` the log of its expected error instead (:meth:`HeatmapHead.forward`); pip heads only: with
+        ``maps``, also the read-out's raw maps (:class:`~fkp_core.pip_head.PipMaps`), what training fits."""
+        if (scores or log_sd) and not self.has_scores:
             raise ValueError("per-keypoint scores need a heatmap head")
+        if maps and self.config.head not in PIP_HEADS:
+            raise ValueError("raw maps come from a pip or dual head")
         if self.config.backbone != "resnet":
-            return self.head(self.backbone((x - self._mean) / self._std), scores, log_sd)
-        x = self.stem((x - self._mean) / self._std)
-        outs = []
-        for stage in self.stages:
-            x = stage(x)
-            outs.append(x)
-        if self.config.head == "heatmap":
-            return self.head(outs, scores, log_sd)
+            stages = self.backbone((x - self._mean) / self._std)
+        else:
+            x = self.stem((x - self._mean) / self._std)
+            stages = []
+            for stage in self.stages:
+                x = stage(x)
+                stages.append(x)
+        if maps:
+            return self.head.with_maps(stages, scores, log_sd)
+        if self.config.head in HEATMAP_HEADS:
+            return self.head(stages, scores, log_sd)
         return self.head(x).view(-1, NUM_KEYPOINTS, 2)
 
     @property
     def has_scores(self) -> bool:
         """Whether ``forward(x, scores=True)`` works (heatmap heads)."""
-        return self.config.head == "heatmap"
+        return self.config.head in HEATMAP_HEADS
 
     @property
     def first_conv(self) -> nn.Conv2d:

@@ -22,6 +22,8 @@ from fkp_core.augment import RandomFaceOccluder, RandomJpeg, RandomLowLight, Ran
 from fkp_core.constants import NONFACE_ERROR, POINT_SIGMA_LR_SCALE, SELECTION_METRIC
 from fkp_core.dataset import DatasetError, DataSource, Record, read_image, split_by_identity
 from fkp_core.metrics import nme
+from fkp_core.model import PIP_HEADS
+from fkp_core.pip_head import head_loss, neighbours_of
 from fkp_core.mirror import unmirror
 from fkp_core.pose import turn_index
 from fkp_core.transforms import (
@@ -85,6 +87,7 @@ class TrainConfig:
     upright: bool = False  # train on upright crops (eyes level) whatever the preset or --init model says
     mirror_course: bool = False  # flip course crops too (with their labels' offset), not only the 300-W sources'
     head_expand: int = 0  # add a hidden layer of this width to the heatmap read-out (ModelConfig.head_expand; 0: as is)
+    head: str | None = None  # "pip" or "dual": a pixel-in-pixel read-out, alone or beside the soft-argmax (fkp_core.pip_head)
     pose_balance: float = 0.0  # draw turned faces up to 1 + this times as often as frontal ones (pose_balanced)
     ema: float = 0.0  # decay of an exponential moving average of the weights, validated and exported instead (0: off)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -218,16 +221,19 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
+_FAST_PARTS = ("head.sigma.", "head.offset.", "head.nb.")  # linear read-outs on the decoder that start from zero
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (no decay on norms and biases) with the configured per-step schedule; an error head (a linear read-out
-    of detached features, whose log-scale output must travel far from its start) learns at ``POINT_SIGMA_LR_SCALE``
-    times the rate."""
-    decay, no_decay, sigma = [], [], []
+    of detached features, whose log-scale output must travel far from its start) and a pip head's offsets and
+    neighbours (read-outs that start at zero) learn at ``POINT_SIGMA_LR_SCALE`` times the rate."""
+    decay, no_decay, fast = [], [], []
     for name, p in model.named_parameters():
-        (sigma if "head.sigma." in name else no_decay if p.ndim <= 1 else decay).append(p)
+        (fast if any(part in name for part in _FAST_PARTS) else no_decay if p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if sigma:
-        groups.append({"params": sigma, "weight_decay": 0.0, "lr": cfg.lr * POINT_SIGMA_LR_SCALE})
+    if fast:
+        groups.append({"params": fast, "weight_decay": 0.0, "lr": cfg.lr * POINT_SIGMA_LR_SCALE})
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
     total = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
@@ -275,15 +281,21 @@ class Teacher:
 def batch_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, loss_fn, point_sigma: bool,
                teacher: Teacher | None = None, distill_weight: float = 0.5) -> torch.Tensor:
     """A batch's training loss: positions on the crops that hold a face (labels, and the teacher's predictions
-    when distilling), plus the error head's likelihood over all crops when the model has one."""
-    out = model(images, log_sd=True) if point_sigma else model(images)
+    when distilling), plus the error head's likelihood over all crops when the model has one. A pip head's
+    positions are fitted through its maps (:func:`~fkp_core.pip_head.pip_loss`) instead of ``loss_fn``."""
+    core = getattr(model, "module", model)
+    pip = core.config.head in PIP_HEADS
+    out, maps = model(images, log_sd=point_sigma, maps=True) if pip else (model(images, log_sd=point_sigma), None)
     pred = out[..., :2]
     face = ~torch.isnan(targets).flatten(1).any(dim=1)
+
+    def fit(target: torch.Tensor) -> torch.Tensor:  # the positions' loss on the face crops
+        return loss_fn(pred[face], target) if maps is None else head_loss(maps.select(face), target, core.head, loss_fn)
+
     any_face = bool(face.any())
-    loss = loss_fn(pred[face], targets[face]) if any_face else pred.sum() * 0.0
+    loss = fit(targets[face]) if any_face else pred.sum() * 0.0
     if teacher is not None and any_face:
-        taught = teacher(images[face])
-        loss = (1 - distill_weight) * loss + distill_weight * loss_fn(pred[face], taught)
+        loss = (1 - distill_weight) * loss + distill_weight * fit(teacher(images[face]))
     if point_sigma:
         loss = loss + point_sigma_nll(out[..., 2], pred, targets)
     return loss
@@ -452,10 +464,11 @@ def check_split(src: DataSource, records: Sequence[Record], val_fraction: float)
         )
 
 
-def initial_model(cfg: TrainConfig, log: logging.Logger | None = None) -> nn.Module:
+def initial_model(cfg: TrainConfig, log: logging.Logger | None = None, shapes: np.ndarray | None = None) -> nn.Module:
     """The network a run starts from: a release model's (``init``), or the preset's, with ImageNet weights
-    (``pretrained``), an error head (``point_sigma``) and frozen early layers (``freeze_stride``) as configured;
-    ``log`` hears what was done."""
+    (``pretrained``), an error head (``point_sigma``), a pip read-out (``head``, its neighbours from the mean of the
+    training ``shapes``, N x 68 x 2) and frozen early layers (``freeze_stride``) as configured; ``log`` hears what
+    was done."""
     from fkp_core.model import build_model
     from fkp_core.weights import load_model
 
@@ -469,8 +482,10 @@ def initial_model(cfg: TrainConfig, log: logging.Logger | None = None) -> nn.Mod
             model = prune(model, cfg.prune, cfg.prune_stride)
             if log is not None:
                 log.info("%s pruned to hidden widths %s", cfg.init, list(model.config.backbone_hidden))
-        return _frozen(_grown(_resized(model, cfg.input_size, cfg.init), cfg, cfg.init), cfg, log)
+        return _frozen(_grown(_resized(model, cfg.input_size, cfg.init), cfg, cfg.init, shapes), cfg, log)
     overrides = {"input_size": cfg.input_size} if cfg.input_size else {}
+    if cfg.head in PIP_HEADS:
+        overrides.update(head=cfg.head, pip_neighbours=neighbours_of(shapes))
     if cfg.point_sigma:
         overrides["point_sigma"] = True
     if cfg.upright:
@@ -486,15 +501,22 @@ def initial_model(cfg: TrainConfig, log: logging.Logger | None = None) -> nn.Mod
     return _frozen(preset, cfg, log)
 
 
-_GROWN_PARTS = {"point_sigma": "head.sigma.", "head_expand": "head.expand."}  # config field -> its new weights' prefix
+# config field -> its new weights' prefixes
+_GROWN_PARTS = {"point_sigma": ("head.sigma.",), "head_expand": ("head.expand.",), "head": ("head.cells.", "head.offset.", "head.nb."),
+                "pip_neighbours": ()}
 
 
-def _grown(model: nn.Module, cfg: TrainConfig, name: str) -> nn.Module:
-    """A release model with the parts the run adds to it (an error head, a wider heatmap read-out), its trained
-    weights kept and the new parts at their initialisation, which leaves its predictions as they were."""
+def _grown(model: nn.Module, cfg: TrainConfig, name: str, shapes: np.ndarray | None = None) -> nn.Module:
+    """A release model with the parts the run adds to it (an error head, a wider heatmap read-out, a pip read-out),
+    its trained weights kept and the new parts at their initialisation (the pip read-out's at its cells' centres:
+    its heatmaps read at their peak)."""
     from fkp_core.model import build_model
 
     grow: dict[str, object] = {}
+    if cfg.head in PIP_HEADS and model.config.head != cfg.head:
+        if model.config.head != "heatmap":
+            raise ValueError(f"{name}: a {cfg.head} read-out goes on a heatmap head, not {model.config.head!r}")
+        grow.update(head=cfg.head, pip_neighbours=neighbours_of(shapes))
     if cfg.point_sigma and not model.config.point_sigma:
         grow["point_sigma"] = True
     if cfg.head_expand and model.config.head_expand != cfg.head_expand:
@@ -505,9 +527,11 @@ def _grown(model: nn.Module, cfg: TrainConfig, name: str) -> nn.Module:
         return model
     fresh = build_model(model.config, **grow)
     missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
-    new = tuple(_GROWN_PARTS[key] for key in grow)
+    new = tuple(prefix for key in grow for prefix in _GROWN_PARTS[key])
     if unexpected or any(not k.startswith(new) for k in missing):
         raise ValueError(f"cannot add {' and '.join(grow)} to {name}: {missing + unexpected}")
+    if "head" in grow:  # the cells start as the heatmaps
+        fresh.head.cells.load_state_dict(fresh.head.out.state_dict())
     return fresh.train()
 
 

@@ -172,7 +172,7 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
         first = str(exc).strip().splitlines()[0]
         raise ModelFileError(f"{pt_path}: weights do not fit the config in {json_path.name}: {first}") from exc
     score = meta.get("keypoint_score")
-    if config.head == "heatmap" and isinstance(score, dict) and {"sharp", "flat"} <= set(score):
+    if model.has_scores and isinstance(score, dict) and {"sharp", "flat"} <= set(score):
         model.head.score_range = (float(score["sharp"]), float(score["flat"]))
     model.eval().to(device)
     return LoadedModel(model=model, config=config, metadata=meta, path=pt_path)

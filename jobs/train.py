@@ -102,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nonface", type=unit_interval, default=d.nonface,
                    help="share of training crops moved off the face or blanked, whose points the error head learns to "
                         "score as lost (needs an error head)")
-    g.add_argument("--freeze-stride", type=int, choices=[0, 2, 4, 8], default=d.freeze_stride,
-                   help="keep the backbone's layers up to this output stride at their initial (ImageNet) weights, batch norms "
-                        "included: a cheaper backward pass on CPUs (0: train everything; mnv2/lite0 only)")
+    g.add_argument("--freeze-stride", type=int, choices=[0, 2, 4, 8, 16, 32], default=d.freeze_stride,
+                   help="keep the backbone's layers up to this output stride at their initial weights (ImageNet's, or the "
+                        "--init model's), batch norms included: a cheaper backward pass on CPUs (0: train everything; at or "
+                        "above the backbone's cut, 16 for mnv2 and lite0, only the head trains; mnv2/lite0 only)")
     g.add_argument("--prune", type=Ranged(float, 0, 1, low_open=True, high_open=True), default=None, metavar="KEEP",
                    help="with an --init model with a MobileNetV2 backbone: keep this share of the hidden channels of its blocks "
                         "up to --prune-stride, those with the most weight (fkp_core.pruning), a cheaper network to fine-tune, "
@@ -117,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head-expand", type=non_negative_int, default=0, metavar="C",
                    help="widen the heatmap read-out with a hidden 1x1 layer of C channels beside it (0: none); added to an "
                         "--init model at zero, so training starts from its predictions")
+    g.add_argument("--head", choices=["pip", "dual"], default=None,
+                   help="pip: a pixel-in-pixel read-out (PIPNet): each point read at the peak of a map of cells with a learned "
+                        "offset, and placed by its nearest neighbours on the mean face too, instead of a heatmap's mean "
+                        "(soft-argmax); dual: the mean of both read-outs of one decoder. Added to an --init model's heatmap "
+                        "head, whose decoder (and heatmaps) it keeps (default: the model's own head)")
     g.add_argument("--pose-balance", type=Ranged(float, 0, 100), default=d.pose_balance, metavar="S",
                    help="draw faces turned left or right more often: up to 1 + S times a frontal face of the same source "
                         "(by the nose tip's place between the jaw's ends), each source keeping its share (0: off)")
@@ -159,6 +165,7 @@ def _source_dicts(sources) -> list[dict]:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: its shard of every epoch, validation, and (rank 0) the checkpoint."""
+    import numpy as np
     import ray.train
     import ray.train.torch
     import torch
@@ -194,7 +201,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     train_sources, val_sources = _sources(config["sources"]), _sources(config["val_sources"])
     train_records, val_records = split_records(train_sources, val_sources, cfg.val_fraction)
-    preset = initial_model(cfg, wlog if rank == 0 else None)
+    preset = initial_model(cfg, wlog if rank == 0 else None, np.stack([r.keypoints for r in train_records]))
     mcfg = preset.config
     # 300-W labels are mirror-symmetric (once their offset is kept); the course's only roughly, so flipped on request
     mirror = {s.label: s.label_x_offset for s in train_sources if s.kind == "ibug" or cfg.mirror_course}
@@ -312,7 +319,7 @@ def _check_pretrained(args: argparse.Namespace, parent: dict | None) -> None:
     """``--pretrained`` / ``--prune`` / ``--freeze-stride`` / ``--point-sigma`` / ``--nonface`` / ``--head-expand``: a model that has what they act on, its
     ImageNet weights installed (checked here, not in a worker)."""
     from fkp_core.backbones import PretrainedError, pretrained_path
-    from fkp_core.model import MODEL_PRESETS
+    from fkp_core.model import HEATMAP_HEADS, MODEL_PRESETS
     from fkp_core.training import TrainConfig
 
     name = args.model or TrainConfig.model
@@ -323,10 +330,12 @@ def _check_pretrained(args: argparse.Namespace, parent: dict | None) -> None:
         raise UsageError("--freeze-stride needs a model with a backbone (mnv2, lite0)")
     head = parent["config"].get("head", "fc") if parent else MODEL_PRESETS[name].head
     sigma = args.point_sigma or bool(parent and parent["config"].get("point_sigma"))
-    if args.point_sigma and head != "heatmap":
+    if args.point_sigma and head not in HEATMAP_HEADS:
         raise UsageError(f"--point-sigma needs a heatmap head (model {name!r} has {head!r})")
     if args.nonface and not sigma:
         raise UsageError("--nonface teaches the error head: add --point-sigma")
+    if args.head and head not in ("heatmap", args.head):
+        raise UsageError(f"--head {args.head} reads a heatmap head (model {name!r} has {head!r})")
     if args.head_expand and head != "heatmap":
         raise UsageError(f"--head-expand widens a heatmap head (model {name!r} has {head!r})")
     had = parent["config"].get("head_expand", 0) if parent else 0
@@ -491,7 +500,7 @@ def _train_config(args: argparse.Namespace, init: str | None, distill: str | Non
         pretrained=args.pretrained, freeze_stride=args.freeze_stride,
         prune=args.prune if args.prune is not None else TrainConfig.prune, prune_stride=args.prune_stride, occluders=args.occluders, low_light=args.low_light, motion_blur=args.motion_blur, jpeg=args.jpeg,
         three_quarter=args.three_quarter,
-        point_sigma=args.point_sigma, nonface=args.nonface, upright=args.upright, mirror_course=args.mirror_course, head_expand=args.head_expand,
+        point_sigma=args.point_sigma, nonface=args.nonface, upright=args.upright, mirror_course=args.mirror_course, head_expand=args.head_expand, head=args.head,
         ema=args.ema, pose_balance=args.pose_balance,
         augment=replace(AugmentConfig(), rotation=args.rotation, occlusion=args.occlusion, flip=args.flip, photometric=not args.no_photometric),
     )

@@ -275,13 +275,13 @@ def test_old_bundled_models_keep_their_architecture():
 def test_backbone_config_validation():
     with pytest.raises(ValueError, match="backbone must be"):
         ModelConfig(backbone="vgg", head="heatmap")
-    with pytest.raises(ValueError, match="needs head='heatmap'"):
+    with pytest.raises(ValueError, match="needs a heatmap head"):
         ModelConfig(backbone="mobilenet_v2", head="fc", input_size=64)
     with pytest.raises(ValueError, match="divide input_size"):
         ModelConfig(backbone="mobilenet_v2", head="heatmap", heatmap_stride=8, input_size=72)
-    with pytest.raises(ValueError, match="point_sigma needs head='heatmap'"):
+    with pytest.raises(ValueError, match="point_sigma needs a heatmap head"):
         ModelConfig(head="fc", point_sigma=True)
-    with pytest.raises(ValueError, match="head_expand needs head='heatmap'"):
+    with pytest.raises(ValueError, match="head_expand needs a heatmap head"):
         ModelConfig(head="fc", head_expand=32)
 
 

@@ -346,6 +346,29 @@ def test_a_pruned_run_starts_from_the_heaviest_channels_of_its_init_model(ray_se
             torch.testing.assert_close(child.model.state_dict()[k], v, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
+def test_a_dual_run_trains_both_read_outs_from_its_init_models_heatmaps(ray_session, course, tmp_path):
+    from fkp_core.model import build_model
+    from fkp_core.weights import save_model
+
+    torch.manual_seed(3)
+    parent_path = save_model(build_model("mnv2", input_size=64, point_sigma=True).eval(), tmp_path / "parent" / "p")
+    tiny = [a for a in TINY if a not in ("--model", "tiny")]
+    code = _main(train, ["--data", f"course:{course}", "--epochs", "1", "--init", parent_path, "--head", "dual",
+                         "--output", tmp_path / "dual", "--name", "q", *tiny])
+    assert code == 0
+    child = load_model(tmp_path / "dual" / "q.pt")
+    assert child.config.head == "dual" and len(child.config.pip_neighbours) == 68 * 10 and child.config.point_sigma
+    assert child.metadata["trained"]["train_config"]["head"] == "dual"
+    state, parent = child.model.state_dict(), load_model(parent_path).model.state_dict()
+    assert state["head.offset.weight"].abs().sum() > 0 and state["head.nb.weight"].abs().sum() > 0  # they start at 0
+    assert not torch.equal(state["head.out.weight"], parent["head.out.weight"])  # both read-outs trained
+    assert not torch.equal(state["head.cells.weight"], parent["head.out.weight"])
+    with torch.no_grad():
+        scored = child.model(torch.rand(2, 1, 64, 64), scores=True)
+    assert scored.shape == (2, 68, 3) and ((scored[..., 2] >= 0) & (scored[..., 2] <= 1)).all()
+
+
 def test_pretrained_needs_a_backbone(course, tmp_path, capsys):
     code = _main(train, ["--data", f"course:{course}", "--model", "hm", "--pretrained", "--output", tmp_path, "-q"])
     assert code == 2 and "no pretrained backbone" in capsys.readouterr().err
@@ -361,3 +384,5 @@ def test_pretrained_needs_a_backbone(course, tmp_path, capsys):
     assert code == 2 and "--head-expand widens a heatmap head" in capsys.readouterr().err
     code = _main(train, ["--data", f"course:{course}", "--model", "hm", "--head-expand", "-1", "--output", tmp_path, "-q"])
     assert code == 2 and "--head-expand" in capsys.readouterr().err
+    code = _main(train, ["--data", f"course:{course}", "--model", "base", "--head", "dual", "--output", tmp_path, "-q"])
+    assert code == 2 and "--head dual reads a heatmap head" in capsys.readouterr().err
