@@ -316,8 +316,8 @@ def _resolve_init(args: argparse.Namespace) -> tuple[str | None, dict | None]:
 
 
 def _check_pretrained(args: argparse.Namespace, parent: dict | None) -> None:
-    """``--pretrained`` / ``--prune`` / ``--freeze-stride`` / ``--point-sigma`` / ``--nonface`` / ``--head-expand``: a model that has what they act on, its
-    ImageNet weights installed (checked here, not in a worker)."""
+    """``--pretrained`` / ``--prune`` / ``--freeze-stride`` / ``--point-sigma`` / ``--nonface`` / ``--head`` / ``--head-expand``: a model that has
+    what they act on, its ImageNet weights installed (checked here, not in a worker)."""
     from fkp_core.backbones import PretrainedError, pretrained_path
     from fkp_core.model import HEATMAP_HEADS, MODEL_PRESETS
     from fkp_core.training import TrainConfig
