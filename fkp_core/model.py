@@ -188,7 +188,7 @@ class HeatmapHead(nn.Module):
         n, k, h, w = logits.shape
         prob = torch.softmax(logits.flatten(2), dim=-1).view(n, k, h, w)
         px, py = self.soft_argmax(prob)
-        return self.readout(x, prob, px, py, scores, log_sd)
+        return self.readout(x, prob, px, py, scores, log_sd, mean=(px, py))
 
     def features(self, stages: list[torch.Tensor]) -> torch.Tensor:
         """The decoder's features at the output stride (N, C, h, w)."""
@@ -211,15 +211,16 @@ class HeatmapHead(nn.Module):
         return (prob.sum(dim=2) * self._grid).sum(-1), (prob.sum(dim=3) * self._grid).sum(-1)
 
     def readout(self, x: torch.Tensor, prob: torch.Tensor, px: torch.Tensor, py: torch.Tensor, scores: bool,
-                log_sd: bool) -> torch.Tensor:
-        """Points (px, py), with each one's score or log expected error when asked (:meth:`forward`)."""
+                log_sd: bool, mean: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Points (px, py), with each one's score or log expected error when asked (:meth:`forward`); ``mean`` is the
+        heatmaps' mean (:meth:`soft_argmax`) where the points are not it (None: computed when needed)."""
         if not (scores or log_sd):
             return torch.stack([px, py], dim=-1)
         if self.sigma is not None:
             # the error map read where the point's own mass is; detached, so it never moves the points
             sd_log = (prob.detach() * self.sigma(x.detach())).sum(dim=(2, 3))
         else:
-            ex, ey = self.soft_argmax(prob)  # the heatmap's mean (px, py for soft-argmax)
+            ex, ey = mean if mean is not None else self.soft_argmax(prob)
             mx, my = prob.sum(dim=2), prob.sum(dim=3)  # marginal distributions over columns and rows
             var = (mx * self._grid**2).sum(-1) - ex**2 + (my * self._grid**2).sum(-1) - ey**2
             sd_log = 0.5 * var.clamp_min(1e-12).log()

@@ -132,7 +132,8 @@ class PipHead(HeatmapHead):
         if self.dual:
             soft = torch.stack(self.soft_argmax(prob), dim=-1)
             points = (points + soft) / 2
-        return self.readout(x, prob, points[..., 0], points[..., 1], scores, log_sd), PipMaps(cells, x, soft)
+        mean = None if soft is None else (soft[..., 0], soft[..., 1])
+        return self.readout(x, prob, points[..., 0], points[..., 1], scores, log_sd, mean), PipMaps(cells, x, soft)
 
 
 def pip_loss(maps: PipMaps, targets: torch.Tensor, head: PipHead, class_weight: float = PIP_CLASS_WEIGHT,
