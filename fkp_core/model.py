@@ -41,6 +41,10 @@ class ModelConfig:
     # backbones (fkp_core.backbones), cut at backbone_stride; widths/depths/stem then unused
     backbone: str = "resnet"
     backbone_stride: int = 16
+    # pretrained backbones only: the backbone runs one stride further (to 2 x backbone_stride) and a 1x1 convolution
+    # of those deepest features, zero-initialised, is added to the decoder's top level: the whole face in view at
+    # every point, and a trained model can grow it without its output changing
+    context: bool = False
     # mobilenet_v2 only: each block's hidden channels (a pruned network, fkp_core.pruning); empty: the stock widths
     backbone_hidden: tuple[int, ...] = ()
     upright: bool = False  # trained on crops turned so the eye line is level (transforms.face_frame)
@@ -73,7 +77,11 @@ class ModelConfig:
                 raise ValueError("backbone_stride must be 8, 16 or 32 and divide input_size")
             if self.head not in HEATMAP_HEADS or self.heatmap_stride not in (4, 8, 16) or self.heatmap_stride > self.backbone_stride:
                 raise ValueError("a pretrained backbone needs a heatmap head with heatmap_stride 4, 8 or 16 (<= backbone_stride)")
+            if self.context and self.backbone_stride > 16:
+                raise ValueError("context runs the backbone to 2 x backbone_stride, at most 32: backbone_stride <= 16")
             return
+        if self.context:
+            raise ValueError("context needs a pretrained backbone (mobilenet_v2, efficientnet_lite0)")
         if len(self.widths) != len(self.depths) or not self.widths:
             raise ValueError("widths and depths must be non-empty and of equal length")
         if self.input_size % (2 ** (len(self.widths) + 1)):
@@ -150,9 +158,14 @@ class HeatmapHead(nn.Module):
     """
 
     def __init__(self, stage_channels: list[int], stage_strides: list[int], out_stride: int, channels: int, size: int,
-                 point_sigma: bool = False, expand: int = 0):
+                 point_sigma: bool = False, expand: int = 0, context: bool = False):
         super().__init__()
         self.levels = [i for i, s in enumerate(stage_strides) if s >= out_stride]
+        # context: the deepest stage joins through its own zero-initialised 1x1 (ModelConfig.context)
+        self.context: nn.Conv2d | None = None
+        if context:
+            self.context = nn.Conv2d(stage_channels[self.levels.pop()], channels, 1, bias=False)
+            nn.init.zeros_(self.context.weight)
         self.lateral = nn.ModuleList(nn.Conv2d(stage_channels[i], channels, 1, bias=False) for i in self.levels)
         self.smooth = nn.ModuleList(_conv_bn(channels, channels) for _ in self.levels[:-1])
         self.out = nn.Conv2d(channels, NUM_KEYPOINTS, 1)
@@ -194,6 +207,8 @@ class HeatmapHead(nn.Module):
         """The decoder's features at the output stride (N, C, h, w)."""
         feats = [stages[i] for i in self.levels]
         x = self.lateral[-1](feats[-1])
+        if self.context is not None:
+            x = x + nn.functional.interpolate(self.context(stages[-1]), size=x.shape[-2:], mode="nearest")
         for k in range(len(feats) - 2, -1, -1):
             lat = self.lateral[k](feats[k])
             x = self.smooth[k](lat + nn.functional.interpolate(x, size=lat.shape[-2:], mode="nearest"))
@@ -236,8 +251,9 @@ def _heatmap_head(config: ModelConfig, stage_channels: list[int], stage_strides:
     if config.head in PIP_HEADS:
         from fkp_core.pip_head import PipHead
 
-        return PipHead(*args, config.pip_neighbours, config.point_sigma, config.head_expand, dual=config.head == "dual")
-    return HeatmapHead(*args, config.point_sigma, config.head_expand)
+        return PipHead(*args, config.pip_neighbours, config.point_sigma, config.head_expand, dual=config.head == "dual",
+                       context=config.context)
+    return HeatmapHead(*args, config.point_sigma, config.head_expand, config.context)
 
 
 class KeypointNet(nn.Module):
@@ -251,7 +267,8 @@ class KeypointNet(nn.Module):
             from fkp_core.backbones import BACKBONES
 
             narrowed = {"hidden": config.backbone_hidden} if config.backbone_hidden else {}
-            self.backbone = BACKBONES[config.backbone](gray=True, max_stride=config.backbone_stride, **narrowed)
+            max_stride = config.backbone_stride * (2 if config.context else 1)
+            self.backbone = BACKBONES[config.backbone](gray=True, max_stride=max_stride, **narrowed)
             self.head = _heatmap_head(config, self.backbone.out_channels, self.backbone.out_strides)
             self.register_buffer("_mean", torch.tensor(config.input_mean), persistent=False)
             self.register_buffer("_std", torch.tensor(config.input_std), persistent=False)

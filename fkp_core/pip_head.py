@@ -73,8 +73,9 @@ class PipHead(HeatmapHead):
     heatmaps of the soft-argmax read-out (dual) or from the cells' (pip)."""
 
     def __init__(self, stage_channels: list[int], stage_strides: list[int], out_stride: int, channels: int, size: int,
-                 neighbours: tuple[int, ...], point_sigma: bool = False, expand: int = 0, dual: bool = False):
-        super().__init__(stage_channels, stage_strides, out_stride, channels, size, point_sigma, expand)
+                 neighbours: tuple[int, ...], point_sigma: bool = False, expand: int = 0, dual: bool = False,
+                 context: bool = False):
+        super().__init__(stage_channels, stage_strides, out_stride, channels, size, point_sigma, expand, context)
         if not neighbours or len(neighbours) % NUM_KEYPOINTS:
             raise ValueError(f"neighbours must list K >= 1 points for each of the {NUM_KEYPOINTS}")
         k = len(neighbours) // NUM_KEYPOINTS

@@ -88,6 +88,7 @@ class TrainConfig:
     mirror_course: bool = False  # flip course crops too (with their labels' offset), not only the 300-W sources'
     head_expand: int = 0  # add a hidden layer of this width to the heatmap read-out (ModelConfig.head_expand; 0: as is)
     head: str | None = None  # "pip" or "dual": a pixel-in-pixel read-out, alone or beside the soft-argmax (fkp_core.pip_head)
+    context: bool = False  # the backbone's next stride read into the decoder (ModelConfig.context), grown onto an init model
     pose_balance: float = 0.0  # draw turned faces up to 1 + this times as often as frontal ones (pose_balanced)
     ema: float = 0.0  # decay of an exponential moving average of the weights, validated and exported instead (0: off)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -221,13 +222,13 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-_FAST_PARTS = ("head.sigma.", "head.offset.", "head.nb.")  # linear read-outs on the decoder that start from zero
+_FAST_PARTS = ("head.sigma.", "head.offset.", "head.nb.", "head.context.")  # linear read-outs that start from zero
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (no decay on norms and biases) with the configured per-step schedule; an error head (a linear read-out
     of detached features, whose log-scale output must travel far from its start) and a pip head's offsets and
-    neighbours (read-outs that start at zero) learn at ``POINT_SIGMA_LR_SCALE`` times the rate."""
+    neighbours and the context's 1x1 (read-outs that start at zero) learn at ``POINT_SIGMA_LR_SCALE`` times the rate."""
     decay, no_decay, fast = [], [], []
     for name, p in model.named_parameters():
         (fast if any(part in name for part in _FAST_PARTS) else no_decay if p.ndim <= 1 else decay).append(p)
@@ -492,6 +493,8 @@ def initial_model(cfg: TrainConfig, log: logging.Logger | None = None, shapes: n
         overrides["upright"] = True
     if cfg.head_expand:
         overrides["head_expand"] = cfg.head_expand
+    if cfg.context:
+        overrides["context"] = True
     preset = build_model(cfg.model, **overrides)
     if cfg.pretrained:
         unused = preset.load_pretrained()
@@ -503,13 +506,14 @@ def initial_model(cfg: TrainConfig, log: logging.Logger | None = None, shapes: n
 
 # config field -> its new weights' prefixes
 _GROWN_PARTS = {"point_sigma": ("head.sigma.",), "head_expand": ("head.expand.",), "head": ("head.cells.", "head.offset.", "head.nb."),
-                "pip_neighbours": ()}
+                "pip_neighbours": (), "context": ("head.context.", "backbone.")}
 
 
 def _grown(model: nn.Module, cfg: TrainConfig, name: str, shapes: np.ndarray | None = None) -> nn.Module:
-    """A release model with the parts the run adds to it (an error head, a wider heatmap read-out, a pip read-out),
-    its trained weights kept and the new parts at their initialisation (the pip read-out's at its cells' centres:
-    its heatmaps read at their peak)."""
+    """A release model with the parts the run adds to it (an error head, a wider heatmap read-out, a pip read-out, the
+    backbone's next stride as context), its trained weights kept and the new parts at their initialisation (the pip
+    read-out's at its cells' centres: its heatmaps read at their peak; the context's layers at their ImageNet
+    weights)."""
     from fkp_core.model import build_model
 
     grow: dict[str, object] = {}
@@ -523,9 +527,13 @@ def _grown(model: nn.Module, cfg: TrainConfig, name: str, shapes: np.ndarray | N
         if model.config.head_expand:
             raise ValueError(f"{name} already has a heatmap read-out of width {model.config.head_expand}")
         grow["head_expand"] = cfg.head_expand
+    if cfg.context and not model.config.context:
+        grow["context"] = True
     if not grow:
         return model
     fresh = build_model(model.config, **grow)
+    if "context" in grow:  # every layer from ImageNet first; the trained ones are loaded over theirs below
+        fresh.load_pretrained()
     missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
     new = tuple(prefix for key in grow for prefix in _GROWN_PARTS[key])
     if unexpected or any(not k.startswith(new) for k in missing):

@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "offset, and placed by its nearest neighbours on the mean face too, instead of a heatmap's mean "
                         "(soft-argmax); dual: the mean of both read-outs of one decoder. Added to an --init model's heatmap "
                         "head, whose decoder (and heatmaps) it keeps (default: the model's own head)")
+    g.add_argument("--context", action="store_true",
+                   help="run the pretrained backbone one stride further (to 32 for mnv2 and lite0) and add a 1x1 convolution "
+                        "of those deepest features to the heatmap decoder: the whole face in view at every point. Grown onto "
+                        "an --init model (its new layers from ImageNet, the 1x1 at zero), training starts from its predictions")
     g.add_argument("--pose-balance", type=Ranged(float, 0, 100), default=d.pose_balance, metavar="S",
                    help="draw faces turned left or right more often: up to 1 + S times a frontal face of the same source "
                         "(by the nose tip's place between the jaw's ends), each source keeping its share (0: off)")
@@ -316,7 +320,7 @@ def _resolve_init(args: argparse.Namespace) -> tuple[str | None, dict | None]:
 
 
 def _check_pretrained(args: argparse.Namespace, parent: dict | None) -> None:
-    """``--pretrained`` / ``--prune`` / ``--freeze-stride`` / ``--point-sigma`` / ``--nonface`` / ``--head`` / ``--head-expand``: a model that has
+    """``--pretrained`` / ``--prune`` / ``--freeze-stride`` / ``--point-sigma`` / ``--nonface`` / ``--head`` / ``--head-expand`` / ``--context``: a model that has
     what they act on, its ImageNet weights installed (checked here, not in a worker)."""
     from fkp_core.backbones import PretrainedError, pretrained_path
     from fkp_core.model import HEATMAP_HEADS, MODEL_PRESETS
@@ -341,6 +345,8 @@ def _check_pretrained(args: argparse.Namespace, parent: dict | None) -> None:
     had = parent["config"].get("head_expand", 0) if parent else 0
     if args.head_expand and had and had != args.head_expand:
         raise UsageError(f"--head-expand: the --init model already has a read-out of width {had}")
+    if args.context:
+        _check_context(backbone, parent)
     if not args.pretrained:
         return
     if parent is not None:
@@ -351,6 +357,23 @@ def _check_pretrained(args: argparse.Namespace, parent: dict | None) -> None:
         pretrained_path(backbone)
     except PretrainedError as exc:
         raise UsageError(f"--pretrained: {exc}") from None
+
+
+def _check_context(backbone: str, parent: dict | None) -> None:
+    """``--context``: a pretrained backbone cut at stride 16 or less, and the ImageNet weights of the layers it adds to
+    an --init model installed."""
+    from fkp_core.backbones import PretrainedError, pretrained_path
+
+    if backbone == "resnet":
+        raise UsageError("--context needs a model with a pretrained backbone (mnv2, lite0)")
+    if parent is None or parent["config"].get("context"):
+        return
+    if parent["config"].get("backbone_stride", 16) > 16:
+        raise UsageError("--context: the --init model's backbone already runs to stride 32")
+    try:
+        pretrained_path(backbone)
+    except PretrainedError as exc:
+        raise UsageError(f"--context grows the --init model's backbone from its ImageNet weights: {exc}") from None
 
 
 def _release_model_path(value: str) -> Path:
@@ -501,6 +524,7 @@ def _train_config(args: argparse.Namespace, init: str | None, distill: str | Non
         prune=args.prune if args.prune is not None else TrainConfig.prune, prune_stride=args.prune_stride, occluders=args.occluders, low_light=args.low_light, motion_blur=args.motion_blur, jpeg=args.jpeg,
         three_quarter=args.three_quarter,
         point_sigma=args.point_sigma, nonface=args.nonface, upright=args.upright, mirror_course=args.mirror_course, head_expand=args.head_expand, head=args.head,
+        context=args.context,
         ema=args.ema, pose_balance=args.pose_balance,
         augment=replace(AugmentConfig(), rotation=args.rotation, occlusion=args.occlusion, flip=args.flip, photometric=not args.no_photometric),
     )

@@ -31,6 +31,16 @@ def real_data() -> Path:
     return root
 
 
+def imagenet_weights(backbone: str = "mobilenet_v2") -> Path:
+    """The backbone's ImageNet weights file (the 'train' extra); the test skips where it is not installed."""
+    from fkp_core.backbones import PretrainedError, pretrained_path
+
+    try:
+        return Path(pretrained_path(backbone))
+    except PretrainedError as exc:
+        pytest.skip(str(exc))
+
+
 def mean_face(size: int = 100, center: tuple[float, float] = (50.0, 52.0)) -> np.ndarray:
     """A plausible 68-point frontal face (iBUG layout) of width ``size``: jaw, brows, nose, eyes, mouth."""
     s = size / 100.0

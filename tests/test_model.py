@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from fkp_core.backbones import BACKBONES, PRETRAINED, PretrainedError, load_pretrained, pretrained_path
+from conftest import imagenet_weights
+from fkp_core.backbones import BACKBONES, PRETRAINED, load_pretrained
 from fkp_core.model import MODEL_PRESETS, ModelConfig, build_model, count_parameters
 from fkp_core.weights import (
     BUNDLED_MODELS,
@@ -181,11 +182,7 @@ _PRESET = {"mobilenet_v2": "mnv2", "efficientnet_lite0": "lite0"}
 
 
 def _imagenet_state(name: str) -> dict:
-    try:
-        path = pretrained_path(name)
-    except PretrainedError as exc:
-        pytest.skip(str(exc))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(imagenet_weights(name), map_location="cpu", weights_only=True)
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PROJECT_ROOT, make_course_dataset, make_ibug_dataset
+from conftest import PROJECT_ROOT, imagenet_weights, make_course_dataset, make_ibug_dataset
 from fkp_core.dataset import read_course, read_image
 from fkp_core.transforms import box_from_keypoints, crop_matrix, denormalize_keypoints
 from fkp_core.weights import load_model
@@ -198,6 +198,7 @@ def test_download_rejects_bad_archives(tmp_path):
         (["--data", "{course}", "--distill", "{tmp}/none.pt"], "model file not found"),
         (["--data", "{course}", "--distill", "bundled", "--distill-weight", "0"], "--distill-weight"),
         (["--data", "{course}", "--ema", "1"], "--ema"),
+        (["--data", "{course}", "--model", "hm", "--context"], "--context needs a model with a pretrained backbone"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(tmp_path, capsys, course, argv, message):
@@ -270,13 +271,9 @@ def test_evaluate_reports_the_nme_computed_independently(tmp_path):
 
 @pytest.mark.slow
 def test_two_epochs_from_imagenet_weights_with_the_wild_recipe(ray_session, course, tmp_path):
-    from fkp_core.backbones import PretrainedError, pretrained_path
     from fkp_core.model import build_model
 
-    try:
-        pretrained_path("mobilenet_v2")
-    except PretrainedError as exc:
-        pytest.skip(str(exc))
+    imagenet_weights()
     helen = make_ibug_dataset(tmp_path / "helen", n=10)
     out = tmp_path / "model"
     tiny = [a for a in TINY if a not in ("--model", "tiny")]
@@ -367,6 +364,24 @@ def test_a_dual_run_trains_both_read_outs_from_its_init_models_heatmaps(ray_sess
     with torch.no_grad():
         scored = child.model(torch.rand(2, 1, 64, 64), scores=True)
     assert scored.shape == (2, 68, 3) and ((scored[..., 2] >= 0) & (scored[..., 2] <= 1)).all()
+
+
+@pytest.mark.slow
+def test_a_context_run_grows_the_init_models_backbone_and_trains_its_read_out(ray_session, course, tmp_path):
+    from fkp_core.model import build_model
+    from fkp_core.weights import save_model
+
+    imagenet_weights()
+    torch.manual_seed(4)
+    parent_path = save_model(build_model("mnv2", input_size=64, point_sigma=True).eval(), tmp_path / "parent" / "p")
+    tiny = [a for a in TINY if a not in ("--model", "tiny")]
+    code = _main(train, ["--data", f"course:{course}", "--epochs", "1", "--init", parent_path, "--context", "--freeze-stride", "4",
+                         "--output", tmp_path / "ctx", "--name", "q", *tiny])
+    assert code == 0
+    child = load_model(tmp_path / "ctx" / "q.pt")
+    assert child.config.context and child.config.point_sigma and child.metadata["trained"]["train_config"]["context"]
+    assert child.model.backbone.out_strides[-1] == 32
+    assert child.model.head.context.weight.abs().sum() > 0  # it starts at zero
 
 
 def test_pretrained_needs_a_backbone(course, tmp_path, capsys):
