@@ -140,20 +140,24 @@ class PipHead(HeatmapHead):
 def pip_loss(maps: PipMaps, targets: torch.Tensor, head: PipHead, class_weight: float = PIP_CLASS_WEIGHT,
              radius: int = PIP_CELL_RADIUS) -> torch.Tensor:
     """Cross-entropy of the cell holding each point, plus L1 of the offsets (in cells) to the point and to its
-    neighbours from every cell within ``radius`` of it, so that a peak one cell off still reads the right place."""
+    neighbours from every cell within ``radius`` of it that is on the map, so that a peak one cell off still reads
+    the right place (a point at the border has fewer such cells, each counted once)."""
     w = maps.logits.shape[-1]
     u = (targets + 1) * (w / 2)  # (N, 68, 2) in cells, x then y
     cell = u.detach().floor().clamp(0, w - 1).long()
     cls = F.cross_entropy(maps.logits.flatten(2).flatten(0, 1), (cell[..., 1] * w + cell[..., 0]).flatten())
-    off_err, nb_err = [], []
+    off_err = nb_err = cells = 0.0
     for dy in range(-radius, radius + 1):
         for dx in range(-radius, radius + 1):
-            at = (cell + torch.tensor([dx, dy], device=cell.device)).clamp(0, w - 1)  # (N, 68, 2)
+            at = cell + torch.tensor([dx, dy], device=cell.device)  # (N, 68, 2)
+            on = ((at >= 0) & (at < w)).all(dim=-1).to(u.dtype)  # (N, 68): the cell is on the map
+            at = at.clamp(0, w - 1)
             centre = at.to(u.dtype) + 0.5
             off, nb = head.read(maps.features, at[..., 1] * w + at[..., 0])
-            off_err.append((off - (u - centre)).abs())
-            nb_err.append((nb - (u[:, head.table] - centre[:, :, None])).abs())
-    return class_weight * cls + torch.stack(off_err).mean() + torch.stack(nb_err).mean()
+            off_err = off_err + ((off - (u - centre)).abs().mean(dim=-1) * on).sum()
+            nb_err = nb_err + ((nb - (u[:, head.table] - centre[:, :, None])).abs().mean(dim=(-2, -1)) * on).sum()
+            cells = cells + on.sum()
+    return class_weight * cls + (off_err + nb_err) / cells
 
 
 def head_loss(maps: PipMaps, targets: torch.Tensor, head: PipHead, point_loss) -> torch.Tensor:

@@ -205,7 +205,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     train_sources, val_sources = _sources(config["sources"]), _sources(config["val_sources"])
     train_records, val_records = split_records(train_sources, val_sources, cfg.val_fraction)
-    preset = initial_model(cfg, wlog if rank == 0 else None, np.stack([r.keypoints for r in train_records]))
+    shapes = np.stack([r.keypoints for r in train_records]) if cfg.head else None  # a pip read-out's mean face
+    preset = initial_model(cfg, wlog if rank == 0 else None, shapes)
     mcfg = preset.config
     # 300-W labels are mirror-symmetric (once their offset is kept); the course's only roughly, so flipped on request
     mirror = {s.label: s.label_x_offset for s in train_sources if s.kind == "ibug" or cfg.mirror_course}

@@ -96,6 +96,19 @@ def test_a_read_out_off_by_a_cell_costs_what_it_is_off():
     assert pip_loss(maps, targets, net.head, class_weight=0.0, radius=0).item() == pytest.approx(0.5, abs=1e-5)  # the neighbours' terms stay 0
 
 
+def test_a_point_in_a_corner_cell_is_fitted_from_the_cells_on_the_map_each_once():
+    net = _pip()
+    w = net.config.input_size // net.config.heatmap_stride
+    k = net.head.table.shape[-1]
+    targets = torch.full((1, 68, 2), 0.25 / (w / 2) - 1)  # every point a quarter cell into the top-left cell
+    maps = PipMaps(torch.zeros(1, 68, w, w), torch.zeros(1, 8, w, w))
+    net.head.read = lambda features, at: (torch.zeros(1, 68, 2), torch.zeros(1, 68, k, 2))  # offsets all zero
+    # on the map within one cell: (0, 0), (1, 0), (0, 1), (1, 1); per axis 0.25 from the own cell's centre, 1.25 from
+    # the next: 0.75 for the offsets and as much for the neighbours (at the same place); the 5 cells off the map,
+    # clamped back onto the border, would pull it to 0.58 + 0.58
+    assert pip_loss(maps, targets, net.head, class_weight=0.0, radius=1).item() == pytest.approx(1.5, abs=1e-6)
+
+
 def test_a_heatmap_model_gets_the_read_out_with_every_weight_kept(tmp_path):
     torch.manual_seed(0)
     parent = build_model("mnv2", input_size=64, point_sigma=True).eval()
