@@ -323,7 +323,6 @@ def _resolve_init(args: argparse.Namespace) -> tuple[str | None, dict | None]:
 def _check_pretrained(args: argparse.Namespace, parent: dict | None) -> None:
     """``--pretrained`` / ``--prune`` / ``--freeze-stride`` / ``--point-sigma`` / ``--nonface`` / ``--head`` / ``--head-expand`` / ``--context``: a model that has
     what they act on, its ImageNet weights installed (checked here, not in a worker)."""
-    from fkp_core.backbones import PretrainedError, pretrained_path
     from fkp_core.model import HEATMAP_HEADS, MODEL_PRESETS
     from fkp_core.training import TrainConfig
 
@@ -354,27 +353,29 @@ def _check_pretrained(args: argparse.Namespace, parent: dict | None) -> None:
         raise UsageError("--pretrained starts from ImageNet weights and --init from a release model: give one of them")
     if backbone == "resnet":
         raise UsageError(f"--pretrained: model {name!r} has no pretrained backbone (use mnv2 or lite0)")
+    _require_imagenet(backbone, "--pretrained")
+
+
+def _require_imagenet(backbone: str, flag: str) -> None:
+    """The backbone's ImageNet weights installed (the 'train' extra), else a usage error led by ``flag``."""
+    from fkp_core.backbones import PretrainedError, pretrained_path
+
     try:
         pretrained_path(backbone)
     except PretrainedError as exc:
-        raise UsageError(f"--pretrained: {exc}") from None
+        raise UsageError(f"{flag}: {exc}") from None
 
 
 def _check_context(backbone: str, parent: dict | None) -> None:
     """``--context``: a pretrained backbone cut at stride 16 or less, and the ImageNet weights of the layers it adds to
     an --init model installed."""
-    from fkp_core.backbones import PretrainedError, pretrained_path
-
     if backbone == "resnet":
         raise UsageError("--context needs a model with a pretrained backbone (mnv2, lite0)")
     if parent is None or parent["config"].get("context"):
         return
     if parent["config"].get("backbone_stride", 16) > 16:
         raise UsageError("--context: the --init model's backbone already runs to stride 32")
-    try:
-        pretrained_path(backbone)
-    except PretrainedError as exc:
-        raise UsageError(f"--context grows the --init model's backbone from its ImageNet weights: {exc}") from None
+    _require_imagenet(backbone, "--context grows the --init model's backbone from its ImageNet weights")
 
 
 def _release_model_path(value: str) -> Path:

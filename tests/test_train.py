@@ -384,6 +384,20 @@ def test_a_context_run_grows_the_init_models_backbone_and_trains_its_read_out(ra
     assert child.model.head.context.weight.abs().sum() > 0  # it starts at zero
 
 
+def test_missing_imagenet_weights_are_a_usage_error(course, tmp_path, capsys, monkeypatch):
+    import fkp_core.backbones
+
+    def missing(backbone, *_):
+        raise fkp_core.backbones.PretrainedError(f"no weights for {backbone}")
+
+    monkeypatch.setattr(fkp_core.backbones, "pretrained_path", missing)
+    code = _main(train, ["--data", f"course:{course}", "--model", "mnv2", "--pretrained", "--output", tmp_path, "-q"])
+    assert code == 2 and "--pretrained: no weights for mobilenet_v2" in capsys.readouterr().err
+    code = _main(train, ["--data", f"course:{course}", "--init", "default", "--context", "--output", tmp_path, "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--context grows the --init model's backbone from its ImageNet weights: no weights for mobilenet_v2" in err
+
+
 def test_pretrained_needs_a_backbone(course, tmp_path, capsys):
     code = _main(train, ["--data", f"course:{course}", "--model", "hm", "--pretrained", "--output", tmp_path, "-q"])
     assert code == 2 and "no pretrained backbone" in capsys.readouterr().err
