@@ -290,7 +290,10 @@ def split_by_identity(
     train: list[Record] = []
     val: list[Record] = []
     for rec in records:
-        digest = hashlib.sha256(f"{salt}:{rec.source}:{rec.person}".encode()).digest()
-        bucket = int.from_bytes(digest[:8], "big") / 2**64
-        (val if bucket < val_fraction else train).append(rec)
+        (val if hash_unit(f"{salt}:{rec.source}:{rec.person}") < val_fraction else train).append(rec)
     return train, val
+
+
+def hash_unit(key: str) -> float:
+    """A key's stable place in [0, 1) (SHA-256): splits and subsets by identity that no run or machine changes."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64

@@ -14,15 +14,14 @@ split. Every subset is named `helen` inside its own folder, so `jobs.train` spli
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 
-from fkp_core.dataset import Record, read_ibug, split_by_identity
+from fkp_core.dataset import Record, hash_unit, read_ibug, split_by_identity
 
 
 def share_of(person: str) -> float:
     """A person's place in [0, 1): a subset of share s keeps the training identities below s."""
-    return int.from_bytes(hashlib.sha256(f"subset:{person}".encode()).digest()[:8], "big") / 2**64
+    return hash_unit(f"subset:{person}")
 
 
 def link(record: Record, folder: Path) -> None:
